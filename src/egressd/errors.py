@@ -1,0 +1,81 @@
+"""The one exception tree of egressd.
+
+    EgressdError                      base of everything we raise on purpose
+    ├── InvalidInput                  a user string or body failed validation (API: 400)
+    ├── NotFound                      a container / config does not exist (API: 404)
+    ├── PermissionDenied              caller may not touch this object (API: 403)
+    ├── AuthenticationRequired        no or bad credentials (API: 401)
+    ├── Conflict                      request clashes with current state (API: 409)
+    ├── AllocationExhausted           the subnet pool has no free block
+    ├── KernelError                   a netlink / nftables operation failed; keeps errno
+    ├── RuntimeLookupError            a container's netns could not be resolved
+    └── UpstreamError                 talking to the upstream proxy failed
+        ├── UpstreamUnreachable       TCP connect / TLS to the proxy failed (temporary)
+        ├── UpstreamAuthFailed        the proxy rejected our credentials (permanent)
+        └── UpstreamProtocolError     the proxy answered something we cannot use
+
+API errors are mapped from this tree in one place: ``egressd.api.errors``.
+``temporary`` tells a retry loop whether trying again can help.
+"""
+
+from __future__ import annotations
+
+
+class EgressdError(Exception):
+    """Base class. ``temporary`` says whether a retry can help."""
+
+    temporary: bool = False
+
+
+class InvalidInput(EgressdError):
+    pass
+
+
+class NotFound(EgressdError):
+    pass
+
+
+class PermissionDenied(EgressdError):
+    pass
+
+
+class AuthenticationRequired(EgressdError):
+    pass
+
+
+class Conflict(EgressdError):
+    pass
+
+
+class AllocationExhausted(EgressdError):
+    pass
+
+
+class KernelError(EgressdError):
+    """A kernel operation failed. ``errno`` is kept when the kernel gave one."""
+
+    temporary = True
+
+    def __init__(self, message: str, *, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class RuntimeLookupError(EgressdError):
+    temporary = True
+
+
+class UpstreamError(EgressdError):
+    temporary = True
+
+
+class UpstreamUnreachable(UpstreamError):
+    temporary = True
+
+
+class UpstreamAuthFailed(UpstreamError):
+    temporary = False
+
+
+class UpstreamProtocolError(UpstreamError):
+    temporary = False
