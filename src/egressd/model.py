@@ -48,7 +48,8 @@ class Status(enum.StrEnum):
 class DesiredState(enum.StrEnum):
     """What the operator asked for; the agent converges towards it."""
 
-    STOPPED = "stopped"  # configured (or stopped): no enforcement
+    CONFIGURED = "configured"  # configured, never started: no enforcement
+    STOPPED = "stopped"  # stopped by the operator: no enforcement
     RUNNING = "running"  # enforcement in place
     ABSENT = "absent"  # DELETE in progress: tear down, then forget
 

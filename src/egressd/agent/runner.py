@@ -1,0 +1,259 @@
+"""The agent: a level-triggered reconciler thread beside the relay's event loop.
+
+Concurrency model: one reconciler thread does every kernel operation, one
+container after another (netlink and ``nft`` are blocking and must not
+interleave for one container). The relay lives on an asyncio loop owned by
+the caller; the thread reaches it with ``run_coroutine_threadsafe``. The
+thread wakes on ``Wakeups.notify_agent()`` or every ``resync_interval``.
+
+Crash safety: before touching the kernel for a container, the runner
+records *what it is about to apply* in the observed record, so a crash
+half-way leaves enough in the store for the next pass (or ``stop``) to undo
+it. A crash is not a stop: nothing is removed on exit, so the kernel walls
+stay and traffic fails closed while the agent is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from egressd.agent.plan import Step, applied_type, plan
+from egressd.errors import EgressdError, RuntimeLookupError
+from egressd.model import Allocation, ProxySpec, Status
+from egressd.runtimes import resolve_netns
+from egressd.settings import Settings
+from egressd.store import NetworkView, Store
+from egressd.store.wakeups import Wakeups
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Dataplane(Protocol):
+    def ensure_host_base(self, table: str) -> None: ...
+    def apply_proxy(
+        self,
+        *,
+        container_id: str,
+        netns_path: str,
+        allocation: Allocation,
+        saved_routes: list[dict[str, Any]] | None,
+        table: str,
+    ) -> list[dict[str, Any]]: ...
+    def apply_block(self, *, container_id: str, netns_path: str, table: str) -> None: ...
+    def remove(
+        self,
+        *,
+        container_id: str,
+        netns_path: str | None,
+        allocation: Allocation | None,
+        saved_routes: list[dict[str, Any]],
+        table: str,
+    ) -> None: ...
+
+
+class RelayPort(Protocol):
+    async def ensure_listener(
+        self, *, container_id: str, listen_ip: str, port: int, upstream: ProxySpec
+    ) -> None: ...
+    async def remove_listener(self, container_id: str) -> None: ...
+    async def probe(self, spec: ProxySpec, *, timeout: float) -> dict[str, Any]: ...
+
+
+@dataclass
+class _Pass:
+    """One reconcile of one container: what it has applied so far."""
+
+    view: NetworkView
+    generation: int
+    netns_path: str | None
+    applied: dict[str, Any] | None = None
+    upstream: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        observed = self.view.observed
+        if observed is not None:
+            self.applied = dict(observed.applied) if observed.applied else None
+            self.upstream = observed.upstream
+
+
+class Agent:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: Store,
+        wakeups: Wakeups,
+        dataplane: Dataplane,
+        relay: RelayPort,
+        loop: asyncio.AbstractEventLoop,
+        resolve: Callable[[str, str], str] = resolve_netns,
+    ) -> None:
+        self.resolve = resolve
+        self.settings = settings
+        self.store = store
+        self.wakeups = wakeups
+        self.dataplane = dataplane
+        self.relay = relay
+        self.loop = loop
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        self.dataplane.ensure_host_base(self.settings.nft_table)
+        self._thread = threading.Thread(target=self._run, name="egressd-agent", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop reconciling. Kernel state stays: traffic keeps failing closed."""
+        self._stopping.set()
+        self.wakeups.notify_agent()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.reconcile_all()
+            except Exception:
+                log.exception("reconcile pass failed")
+            self.wakeups.wait_for_work(self.settings.resync_interval)
+
+    # -- reconcile -----------------------------------------------------------------
+
+    def reconcile_all(self) -> None:
+        for view in self.store.list_networks(node=self.settings.node):
+            if self._stopping.is_set():
+                return
+            try:
+                self.reconcile(view)
+            except Exception:
+                log.exception("container %s: reconcile failed", view.container.id)
+            self.wakeups.notify_observed()
+
+    def _on_loop(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def reconcile(self, view: NetworkView) -> None:
+        cid = view.container.id
+        netns_path: str | None
+        lookup_error: str | None = None
+        try:
+            netns_path = self.resolve(view.container.runtime, view.container.ref)
+        except EgressdError as exc:
+            netns_path, lookup_error = None, str(exc)
+        p = plan(view, netns_path=netns_path)
+        pass_ = _Pass(view=view, generation=p.generation, netns_path=netns_path)
+        try:
+            for step in p.steps:
+                self._execute(step, pass_, lookup_error)
+        except EgressdError as exc:
+            # Kernel walls already in place stay: a failed apply fails closed.
+            log.warning("container %s: %s", cid, exc)
+            self._record(pass_, Status.ERROR, str(exc), False)
+
+    def _execute(self, step: Step, p: _Pass, lookup_error: str | None) -> None:
+        view, cid, desired = p.view, p.view.container.id, p.view.desired
+        table = self.settings.nft_table
+        if step is Step.TEARDOWN:
+            self._teardown(cid, p.applied, view.allocation)
+            p.applied = None
+            self._record(p, Status.STOPPED, None, False, generation=p.generation - 1)
+        elif step is Step.FORGET:
+            self.store.forget_network(cid, generation=p.generation)
+            log.info("container %s: configuration removed", cid)
+        elif step is Step.RECORD_IDLE:
+            assert desired is not None
+            self._record(p, Status(desired.desired_state.value), None, False)
+        elif p.netns_path is None:
+            raise RuntimeLookupError(lookup_error or "network namespace not found")
+        elif step is Step.APPLY_BLOCK:
+            assert desired is not None
+            p.applied = {"type": desired.config.type.value, "netns_path": p.netns_path}
+            self._record(p, Status.CONFIGURED, None, False, generation=p.generation - 1)
+            self.dataplane.apply_block(container_id=cid, netns_path=p.netns_path, table=table)
+            self._record(p, Status.RUNNING, None, True)
+            log.info("container %s: block enforced", cid)
+        elif step is Step.APPLY_PROXY:
+            assert desired is not None and view.allocation is not None
+            saved = p.applied.get("saved_routes") if p.applied else None
+            # Recorded before the kernel is touched: a crash from here on is undone by stop.
+            p.applied = {
+                "type": desired.config.type.value,
+                "netns_path": p.netns_path,
+                "saved_routes": saved,
+            }
+            self._record(p, Status.CONFIGURED, None, False, generation=p.generation - 1)
+            p.applied["saved_routes"] = self.dataplane.apply_proxy(
+                container_id=cid,
+                netns_path=p.netns_path,
+                allocation=view.allocation,
+                saved_routes=saved,
+                table=table,
+            )
+        elif step is Step.OPEN_LISTENER:
+            assert desired is not None and desired.config.proxy and view.allocation
+            self._on_loop(
+                self.relay.ensure_listener(
+                    container_id=cid,
+                    listen_ip=str(view.allocation.listener_ip),
+                    port=view.allocation.port,
+                    upstream=desired.config.proxy,
+                )
+            )
+        elif step is Step.PROBE_UPSTREAM:
+            assert desired is not None and desired.config.proxy
+            p.upstream = self._on_loop(
+                self.relay.probe(desired.config.proxy, timeout=self.settings.upstream_timeout)
+            )
+            if p.upstream.get("reachable"):
+                self._record(p, Status.RUNNING, None, True)
+                log.info(
+                    "container %s: proxy enforced via %s", cid, desired.config.proxy.endpoint_url
+                )
+            else:
+                reason = f"upstream proxy check failed: {p.upstream.get('last_error')}"
+                self._record(p, Status.ERROR, reason, True)
+
+    def _teardown(
+        self, cid: str, applied: dict[str, Any] | None, allocation: Allocation | None
+    ) -> None:
+        if applied is None:
+            return
+        kind = applied_type(applied)
+        if kind is not None and kind.is_proxy:
+            self._on_loop(self.relay.remove_listener(cid))
+        self.dataplane.remove(
+            container_id=cid,
+            netns_path=applied.get("netns_path"),
+            allocation=allocation if kind is not None and kind.is_proxy else None,
+            saved_routes=applied.get("saved_routes") or [],
+            table=self.settings.nft_table,
+        )
+        log.info("container %s: enforcement removed", cid)
+
+    def _record(
+        self,
+        p: _Pass,
+        status: Status,
+        reason: str | None,
+        is_running: bool,
+        *,
+        generation: int | None = None,
+    ) -> None:
+        self.store.record_observed(
+            p.view.container.id,
+            status=status,
+            reason=reason,
+            is_running=is_running,
+            observed_generation=p.generation if generation is None else generation,
+            applied=p.applied,
+            upstream=p.upstream,
+        )

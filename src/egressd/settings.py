@@ -1,0 +1,42 @@
+"""Runtime settings (pydantic-settings, env prefix ``EGRESSD_``).
+
+A ``Settings`` object is built once by the CLI and passed down; nothing
+imports a global settings instance.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EGRESSD_", extra="ignore")
+
+    data_dir: Path = Path("./var")
+    database_url: str | None = None  # default: sqlite file under data_dir
+    node: str = "local"
+    pool: ipaddress.IPv4Network = ipaddress.IPv4Network("10.20.0.0/16")
+    subnet_prefix: int = Field(default=29, ge=16, le=29)
+    relay_port: int = Field(default=1080, ge=1, le=65535)
+    nft_table: str = Field(default="egressd", pattern=r"^[A-Za-z][A-Za-z0-9_]{0,30}$")
+    # How long start/stop/DELETE wait for the agent to report (seconds).
+    apply_timeout: float = 15.0
+    # Periodic resync of the reconciler, even without wake-ups (seconds).
+    resync_interval: float = 30.0
+    upstream_timeout: float = 5.0
+    max_body_bytes: int = 16 * 1024
+
+    @field_validator("pool", mode="before")
+    @classmethod
+    def _pool(cls, value: object) -> object:
+        return ipaddress.IPv4Network(str(value), strict=True)
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'egressd.db').resolve()}"

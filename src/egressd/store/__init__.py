@@ -1,0 +1,24 @@
+"""The store: the one source of truth (SQLite embedded, PostgreSQL by URL)."""
+
+from egressd.store.db import make_engine, migrate
+from egressd.store.repository import (
+    ContainerView,
+    DesiredView,
+    NetworkView,
+    ObservedView,
+    PrincipalView,
+    Store,
+    hash_token,
+)
+
+__all__ = [
+    "ContainerView",
+    "DesiredView",
+    "NetworkView",
+    "ObservedView",
+    "PrincipalView",
+    "Store",
+    "hash_token",
+    "make_engine",
+    "migrate",
+]

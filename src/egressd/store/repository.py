@@ -1,0 +1,445 @@
+"""Queries and writes, one short transaction each.
+
+``Store`` is the only object the API and the agent use to reach the
+database. It returns plain frozen views (``NetworkView``), never ORM rows,
+so callers cannot write by accident. Thread-safe: every method opens its
+own session.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import secrets
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine, delete, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from egressd.errors import AllocationExhausted, Conflict, InvalidInput, NotFound
+from egressd.model import (
+    Allocation,
+    DesiredState,
+    NetworkConfig,
+    NetworkType,
+    ProxySpec,
+    Status,
+    bridge_name_for,
+)
+from egressd.store.db import make_sessionmaker
+from egressd.store.tables import (
+    AllocationRow,
+    ApiToken,
+    Container,
+    NetworkConfigRow,
+    NetworkStatusRow,
+    Principal,
+    utcnow,
+)
+
+TOKEN_PREFIX = "egd_"  # noqa: S105 - a prefix, not a secret
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class PrincipalView:
+    id: int
+    name: str
+    is_admin: bool
+
+
+@dataclass(frozen=True)
+class ContainerView:
+    id: str
+    name: str | None
+    owner: str | None
+    owner_id: int | None
+    runtime: str
+    ref: str
+    node: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class DesiredView:
+    config: NetworkConfig
+    desired_state: DesiredState
+    generation: int
+    configured_at: datetime
+
+
+@dataclass(frozen=True)
+class ObservedView:
+    status: Status
+    reason: str | None
+    is_running: bool
+    observed_generation: int
+    last_check: datetime | None
+    applied: dict[str, Any] | None
+    upstream: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class NetworkView:
+    container: ContainerView
+    desired: DesiredView | None
+    allocation: Allocation | None
+    observed: ObservedView | None
+
+
+def _config_from_row(row: NetworkConfigRow) -> NetworkConfig:
+    ntype = NetworkType(row.type)
+    proxy = None
+    if row.proxy_url:
+        endpoint = ProxySpec.parse(row.proxy_url, expected=ntype)
+        proxy = ProxySpec(
+            scheme=ntype,
+            host=endpoint.host,
+            port=endpoint.port,
+            username=row.proxy_username,
+            password=row.proxy_password,
+        )
+    return NetworkConfig(
+        type=ntype,
+        proxy=proxy,
+        dns_servers=tuple(row.dns_servers),
+        country=row.country,
+        city=row.city,
+        region=row.region,
+        comment=row.comment,
+    )
+
+
+class Store:
+    def __init__(self, engine: Engine, *, node: str) -> None:
+        self.engine = engine
+        self.node = node
+        self._sessions = make_sessionmaker(engine)
+
+    @contextmanager
+    def _tx(self) -> Iterator[Session]:
+        with self._sessions.begin() as session:
+            yield session
+
+    # -- principals and tokens -------------------------------------------------
+
+    def ensure_principal(self, name: str, *, admin: bool = False) -> PrincipalView:
+        with self._tx() as s:
+            row = s.scalar(select(Principal).where(Principal.name == name))
+            if row is None:
+                row = Principal(name=name, is_admin=admin, created_at=utcnow())
+                s.add(row)
+                s.flush()
+            elif admin and not row.is_admin:
+                row.is_admin = True
+            return PrincipalView(row.id, row.name, row.is_admin)
+
+    def create_token(self, principal_name: str, *, admin: bool = False) -> str:
+        """Create a token for ``principal_name`` (created if new); returns it once."""
+        principal = self.ensure_principal(principal_name, admin=admin)
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        with self._tx() as s:
+            s.add(ApiToken(principal_id=principal.id, token_hash=hash_token(token)))
+        return token
+
+    def principal_for_token(self, token: str) -> PrincipalView | None:
+        digest = hash_token(token)
+        with self._tx() as s:
+            row = s.execute(
+                select(ApiToken.token_hash, Principal)
+                .join(Principal, Principal.id == ApiToken.principal_id)
+                .where(ApiToken.token_hash == digest)
+            ).first()
+            if row is None or not hmac.compare_digest(row[0], digest):
+                return None
+            p = row[1]
+            return PrincipalView(p.id, p.name, p.is_admin)
+
+    def has_admin(self) -> bool:
+        with self._tx() as s:
+            return (
+                s.scalar(
+                    select(func.count())
+                    .select_from(ApiToken)
+                    .join(Principal, Principal.id == ApiToken.principal_id)
+                    .where(Principal.is_admin.is_(True))
+                )
+                or 0
+            ) > 0
+
+    # -- containers ------------------------------------------------------------
+
+    def _container_view(self, s: Session, row: Container) -> ContainerView:
+        owner = s.get(Principal, row.owner_id) if row.owner_id is not None else None
+        return ContainerView(
+            id=row.id,
+            name=row.name,
+            owner=owner.name if owner else None,
+            owner_id=row.owner_id,
+            runtime=row.runtime,
+            ref=row.ref,
+            node=row.node,
+            created_at=row.created_at,
+        )
+
+    def create_container(
+        self,
+        *,
+        container_id: str | None,
+        name: str | None,
+        owner: str | None,
+        runtime: str,
+        ref: str,
+        node: str | None = None,
+    ) -> ContainerView:
+        cid = container_id or secrets.token_hex(12)
+        with self._tx() as s:
+            owner_id = None
+            if owner is not None:
+                p = s.scalar(select(Principal).where(Principal.name == owner))
+                if p is None:
+                    raise InvalidInput(f"Unknown owner '{owner}'")
+                owner_id = p.id
+            if s.get(Container, cid) is not None:
+                raise Conflict("Container already exists")
+            row = Container(
+                id=cid,
+                name=name,
+                owner_id=owner_id,
+                runtime=runtime,
+                ref=ref,
+                node=node or self.node,
+                created_at=utcnow(),
+            )
+            s.add(row)
+            s.flush()
+            return self._container_view(s, row)
+
+    def get_container(self, container_id: str) -> ContainerView:
+        with self._tx() as s:
+            row = s.get(Container, container_id)
+            if row is None:
+                raise NotFound("Container not found")
+            return self._container_view(s, row)
+
+    def list_containers(self, *, owner_id: int | None = None) -> list[ContainerView]:
+        with self._tx() as s:
+            q = select(Container).order_by(Container.created_at, Container.id)
+            if owner_id is not None:
+                q = q.where(Container.owner_id == owner_id)
+            return [self._container_view(s, row) for row in s.scalars(q)]
+
+    def delete_container(self, container_id: str) -> None:
+        with self._tx() as s:
+            if s.get(NetworkConfigRow, container_id) is not None:
+                raise Conflict("Container still has a network configuration")
+            s.execute(delete(NetworkStatusRow).where(NetworkStatusRow.container_id == container_id))
+            s.execute(delete(AllocationRow).where(AllocationRow.container_id == container_id))
+            s.execute(delete(Container).where(Container.id == container_id))
+
+    # -- network configuration (desired) ---------------------------------------
+
+    def _network_view(self, s: Session, container: Container) -> NetworkView:
+        cfg = s.get(NetworkConfigRow, container.id)
+        alloc = s.get(AllocationRow, container.id)
+        st = s.get(NetworkStatusRow, container.id)
+        desired = None
+        if cfg is not None:
+            desired = DesiredView(
+                config=_config_from_row(cfg),
+                desired_state=DesiredState(cfg.desired_state),
+                generation=cfg.generation,
+                configured_at=cfg.configured_at,
+            )
+        allocation = None
+        if alloc is not None:
+            allocation = Allocation(
+                subnet=ipaddress.IPv4Network(alloc.subnet),
+                bridge_name=alloc.bridge_name,
+                port=alloc.port,
+            )
+        observed = None
+        if st is not None:
+            observed = ObservedView(
+                status=Status(st.status),
+                reason=st.reason,
+                is_running=st.is_running,
+                observed_generation=st.observed_generation,
+                last_check=st.last_check,
+                applied=st.applied,
+                upstream=st.upstream,
+            )
+        return NetworkView(self._container_view(s, container), desired, allocation, observed)
+
+    def get_network(self, container_id: str) -> NetworkView:
+        with self._tx() as s:
+            row = s.get(Container, container_id)
+            if row is None:
+                raise NotFound("Container not found")
+            return self._network_view(s, row)
+
+    def list_networks(self, *, node: str) -> list[NetworkView]:
+        """Every container of ``node`` that has a configuration or leftovers to undo."""
+        with self._tx() as s:
+            q = (
+                select(Container)
+                .where(Container.node == node)
+                .where(
+                    Container.id.in_(select(NetworkConfigRow.container_id))
+                    | Container.id.in_(select(NetworkStatusRow.container_id))
+                )
+                .order_by(Container.id)
+            )
+            return [self._network_view(s, row) for row in s.scalars(q)]
+
+    def put_config(
+        self,
+        container_id: str,
+        config: NetworkConfig,
+        *,
+        pool: ipaddress.IPv4Network,
+        prefix: int,
+        port: int,
+    ) -> NetworkView:
+        """Store the desired configuration; allocate host resources for proxy types.
+
+        Credentials are kept when the new proxy has the same endpoint and no
+        userinfo. A running container stays running (the agent re-applies).
+        """
+        for attempt in range(5):
+            try:
+                with self._tx() as s:
+                    return self._put_config(s, container_id, config, pool, prefix, port)
+            except IntegrityError:  # a concurrent allocation took our subnet: retry
+                if attempt == 4:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _put_config(
+        self,
+        s: Session,
+        container_id: str,
+        config: NetworkConfig,
+        pool: ipaddress.IPv4Network,
+        prefix: int,
+        port: int,
+    ) -> NetworkView:
+        container = s.get(Container, container_id)
+        if container is None:
+            raise NotFound("Container not found")
+        row = s.get(NetworkConfigRow, container_id)
+        stored = (
+            _config_from_row(row) if row is not None and row.desired_state != "absent" else None
+        )
+        proxy = config.proxy
+        if proxy is not None:
+            proxy = proxy.keeping_credentials_of(stored.proxy if stored else None)
+        if row is None:
+            row = NetworkConfigRow(container_id=container_id, generation=0)
+            s.add(row)
+            row.desired_state = DesiredState.CONFIGURED.value
+        elif row.desired_state == DesiredState.ABSENT.value:
+            row.desired_state = DesiredState.CONFIGURED.value
+        row.type = config.type.value
+        row.proxy_url = proxy.endpoint_url if proxy else None
+        row.proxy_username = proxy.username if proxy else None
+        row.proxy_password = proxy.password if proxy else None
+        row.country, row.city, row.region = config.country, config.city, config.region
+        row.comment = config.comment
+        row.dns_servers = list(config.dns_servers)
+        row.generation = (row.generation or 0) + 1
+        row.configured_at = utcnow()
+        if config.type.is_proxy and s.get(AllocationRow, container_id) is None:
+            s.add(self._allocate(s, container, pool, prefix, port))
+        s.flush()
+        return self._network_view(s, container)
+
+    def _allocate(
+        self,
+        s: Session,
+        container: Container,
+        pool: ipaddress.IPv4Network,
+        prefix: int,
+        port: int,
+    ) -> AllocationRow:
+        taken = set(
+            s.scalars(select(AllocationRow.subnet).where(AllocationRow.node == container.node))
+        )
+        for subnet in pool.subnets(new_prefix=prefix):
+            if str(subnet) not in taken:
+                return AllocationRow(
+                    container_id=container.id,
+                    node=container.node,
+                    subnet=str(subnet),
+                    bridge_name=bridge_name_for(container.id),
+                    port=port,
+                )
+        raise AllocationExhausted(f"No free /{prefix} left in pool {pool}")
+
+    def set_desired_state(self, container_id: str, state: DesiredState) -> int:
+        """Record what the operator wants; returns the generation to wait for."""
+        with self._tx() as s:
+            row = s.get(NetworkConfigRow, container_id)
+            if row is None or row.desired_state == DesiredState.ABSENT.value:
+                raise NotFound("Network not configured for this container")
+            row.desired_state = state.value
+            row.generation += 1
+            return row.generation
+
+    # -- observed state (agent only) --------------------------------------------
+
+    def record_observed(
+        self,
+        container_id: str,
+        *,
+        status: Status,
+        reason: str | None,
+        is_running: bool,
+        observed_generation: int,
+        applied: dict[str, Any] | None,
+        upstream: dict[str, Any] | None = None,
+    ) -> None:
+        with self._tx() as s:
+            if s.get(Container, container_id) is None:
+                return
+            row = s.get(NetworkStatusRow, container_id)
+            if row is None:
+                row = NetworkStatusRow(container_id=container_id)
+                s.add(row)
+            row.status = status.value
+            row.reason = reason
+            row.is_running = is_running
+            row.observed_generation = observed_generation
+            row.last_check = utcnow()
+            row.applied = applied
+            row.upstream = upstream
+
+    def forget_network(self, container_id: str, *, generation: int) -> bool:
+        """Drop config, allocation and status once the agent has undone everything.
+
+        Only when the configuration is still the one marked absent at
+        ``generation``: a PATCH that came in meanwhile wins.
+        """
+        with self._tx() as s:
+            row = s.get(NetworkConfigRow, container_id)
+            if row is not None and (
+                row.desired_state != DesiredState.ABSENT.value or row.generation != generation
+            ):
+                return False
+            s.execute(delete(NetworkConfigRow).where(NetworkConfigRow.container_id == container_id))
+            s.execute(delete(AllocationRow).where(AllocationRow.container_id == container_id))
+            s.execute(delete(NetworkStatusRow).where(NetworkStatusRow.container_id == container_id))
+            return True
+
+    def container_ids(self, ids: Sequence[str]) -> set[str]:
+        with self._tx() as s:
+            return set(s.scalars(select(Container.id).where(Container.id.in_(list(ids)))))
