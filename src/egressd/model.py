@@ -115,13 +115,15 @@ class ProxySpec:
             raise InvalidInput("Proxy port must be between 1 and 65535")
         username = unquote(parts.username) if parts.username is not None else None
         password = unquote(parts.password) if parts.password is not None else None
-        if username == "" and not password:
+        if username == "":
             username = None
+        if password and username is None:
+            raise InvalidInput("Proxy URL has a password but no username")
+        if username is None:
+            password = None
         for label, value in (("username", username), ("password", password)):
             if value is not None and len(value.encode()) > MAX_CREDENTIAL_LEN:
                 raise InvalidInput(f"Proxy {label} longer than {MAX_CREDENTIAL_LEN} bytes")
-        if password is not None and username is None:
-            raise InvalidInput("Proxy URL has a password but no username")
         return cls(scheme=expected, host=host, port=port, username=username, password=password)
 
     @property
