@@ -12,6 +12,7 @@ import enum
 import ipaddress
 import re
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from urllib.parse import quote, unquote, urlsplit
 
 from egressd.errors import InvalidInput
@@ -228,3 +229,9 @@ def bridge_name_for(container_id: str) -> str:
 
 def host_veth_name_for(container_id: str) -> str:
     return f"ve-{container_id[:12]}"
+
+
+def format_timestamp(ts: datetime) -> str:
+    """``2025-01-15T10:00:00.000Z``, the spec's timestamp format."""
+    ts = ts.astimezone(UTC)
+    return ts.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z"

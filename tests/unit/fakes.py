@@ -22,6 +22,9 @@ class FakeDataplane:
     def ensure_host_base(self, table: str) -> None:
         self.calls.append("base")
 
+    def record_routes(self, *, netns_path: str) -> list[dict[str, Any]]:
+        return [{"dst": "default", "gateway": "192.0.2.1"}]
+
     def apply_proxy(
         self,
         *,

@@ -36,6 +36,7 @@ T = TypeVar("T")
 
 class Dataplane(Protocol):
     def ensure_host_base(self, table: str) -> None: ...
+    def record_routes(self, *, netns_path: str) -> list[dict[str, Any]]: ...
     def apply_proxy(
         self,
         *,
@@ -184,14 +185,16 @@ class Agent:
         elif step is Step.APPLY_PROXY:
             assert desired is not None and view.allocation is not None
             saved = p.applied.get("saved_routes") if p.applied else None
-            # Recorded before the kernel is touched: a crash from here on is undone by stop.
+            if saved is None:
+                # Stored before the routes are replaced: a crash cannot lose the originals.
+                saved = self.dataplane.record_routes(netns_path=p.netns_path)
             p.applied = {
                 "type": desired.config.type.value,
                 "netns_path": p.netns_path,
                 "saved_routes": saved,
             }
             self._record(p, Status.CONFIGURED, None, False, generation=p.generation - 1)
-            p.applied["saved_routes"] = self.dataplane.apply_proxy(
+            self.dataplane.apply_proxy(
                 container_id=cid,
                 netns_path=p.netns_path,
                 allocation=view.allocation,

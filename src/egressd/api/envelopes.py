@@ -7,7 +7,7 @@ error the API can produce, FastAPI's own included, leaves through here.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from http import HTTPStatus
 from typing import Any
 
@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from egressd import errors
+from egressd.model import format_timestamp
 
 
 class ApiError(Exception):
@@ -39,10 +40,7 @@ class ApiError(Exception):
 
 def iso(ts: datetime | None) -> str | None:
     """``2025-01-15T10:00:00.000Z``, as in the spec."""
-    if ts is None:
-        return None
-    ts = ts.astimezone(UTC)
-    return ts.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z"
+    return None if ts is None else format_timestamp(ts)
 
 
 def ok(message: str, data: Any = None, *, status_code: int = 200) -> JSONResponse:

@@ -1,0 +1,92 @@
+"""The real dataplane and relay behind the agent's small protocols.
+
+The agent stores what it must undo as JSON (saved routes, upstream health);
+these adapters convert between that and the dataplane's / relay's values.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from egressd import dataplane
+from egressd.model import Allocation, ProxySpec, format_timestamp
+from egressd.relay import Relay, probe_upstream
+
+
+class KernelDataplane:
+    def ensure_host_base(self, table: str) -> None:
+        dataplane.ensure_host_base(table)
+
+    def record_routes(self, *, netns_path: str) -> list[dict[str, Any]]:
+        return [r.to_dict() for r in dataplane.record_default_routes(netns_path=netns_path)]
+
+    def apply_proxy(
+        self,
+        *,
+        container_id: str,
+        netns_path: str,
+        allocation: Allocation,
+        saved_routes: list[dict[str, Any]] | None,
+        table: str,
+    ) -> list[dict[str, Any]]:
+        saved = (
+            [dataplane.SavedRoute.from_dict(r) for r in saved_routes]
+            if saved_routes is not None
+            else None
+        )
+        result = dataplane.apply_proxy_enforcement(
+            container_id=container_id,
+            netns_path=netns_path,
+            allocation=allocation,
+            saved_routes=saved,
+            table=table,
+        )
+        return [r.to_dict() for r in result]
+
+    def apply_block(self, *, container_id: str, netns_path: str, table: str) -> None:
+        dataplane.apply_block_enforcement(
+            container_id=container_id, netns_path=netns_path, table=table
+        )
+
+    def remove(
+        self,
+        *,
+        container_id: str,
+        netns_path: str | None,
+        allocation: Allocation | None,
+        saved_routes: list[dict[str, Any]],
+        table: str,
+    ) -> None:
+        dataplane.remove_enforcement(
+            container_id=container_id,
+            netns_path=netns_path,
+            allocation=allocation,
+            saved_routes=[dataplane.SavedRoute.from_dict(r) for r in saved_routes],
+            table=table,
+        )
+
+
+class RelayAdapter:
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+
+    async def ensure_listener(
+        self, *, container_id: str, listen_ip: str, port: int, upstream: ProxySpec
+    ) -> None:
+        await self.relay.ensure_listener(
+            container_id=container_id, listen_ip=listen_ip, port=port, upstream=upstream
+        )
+
+    async def remove_listener(self, container_id: str) -> None:
+        await self.relay.remove_listener(container_id)
+
+    async def probe(self, spec: ProxySpec, *, timeout: float) -> dict[str, Any]:
+        result = await probe_upstream(spec, timeout=timeout)
+        return {
+            "reachable": result.reachable,
+            "latency_ms": round(result.latency_ms, 2) if result.latency_ms is not None else None,
+            "last_error": result.error,
+            "auth_failed": result.auth_failed,
+            "checked_at": format_timestamp(datetime.now(UTC)),
+        }
