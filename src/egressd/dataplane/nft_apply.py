@@ -1,0 +1,77 @@
+"""Applying and listing nftables through the ``nft`` binary.
+
+The only place in egressd that starts a subprocess. Scripts go to
+``nft -f -`` on stdin (one script, one kernel transaction); arguments are
+fixed lists, never a shell. In a container namespace, ``nft`` is started
+from a thread that has entered it (see :mod:`egressd.dataplane.netns`), so
+no ``nsenter`` is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from typing import Any
+
+from egressd.dataplane.names import validate_table
+from egressd.dataplane.netns import run_in_netns
+from egressd.errors import KernelError
+
+NFT_TIMEOUT_S = 30.0
+
+
+def nft_available() -> bool:
+    return shutil.which("nft") is not None
+
+
+def _nft(args: list[str], *, stdin: str | None, netns_path: str | None) -> str:
+    binary = shutil.which("nft")
+    if binary is None:
+        raise KernelError("nft binary not found in PATH")
+    argv = [binary, *args]
+
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            argv,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=NFT_TIMEOUT_S,
+            check=False,
+        )
+
+    try:
+        proc = run() if netns_path is None else run_in_netns(netns_path, run)
+    except subprocess.TimeoutExpired:
+        raise KernelError(f"nft {' '.join(args)}: timed out") from None
+    except OSError as exc:
+        raise KernelError(f"nft {' '.join(args)}: {exc.strerror}", errno=exc.errno) from None
+    if proc.returncode != 0:
+        where = f" in {netns_path}" if netns_path else ""
+        raise KernelError(f"nft {' '.join(args)}{where} failed: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def apply_script(script: str, *, netns_path: str | None = None) -> None:
+    """Commit ``script`` as one transaction (nothing to do for an empty one)."""
+    if script.strip():
+        _nft(["-f", "-"], stdin=script, netns_path=netns_path)
+
+
+def table_exists(table: str, *, netns_path: str | None = None) -> bool:
+    listing = json.loads(_nft(["-j", "list", "tables", "inet"], stdin=None, netns_path=netns_path))
+    return any(
+        item.get("table", {}).get("name") == table and item["table"].get("family") == "inet"
+        for item in listing.get("nftables", [])
+    )
+
+
+def list_table(table: str, *, netns_path: str | None = None) -> dict[str, Any] | None:
+    """``nft -j list table inet <table>`` parsed, or None when there is no such table."""
+    validate_table(table)
+    if not table_exists(table, netns_path=netns_path):
+        return None
+    out = _nft(["-j", "list", "table", "inet", table], stdin=None, netns_path=netns_path)
+    listing: dict[str, Any] = json.loads(out)
+    return listing

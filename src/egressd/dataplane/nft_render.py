@@ -1,0 +1,301 @@
+"""nftables rulesets as text, rendered by pure functions (no I/O, no root).
+
+Every script here is applied with one ``nft -f`` call, which the kernel
+commits as one transaction: either all of it holds or none of it does.
+
+Host table ``inet <table>`` (one per host, shared by all containers)::
+
+    set bridges   { type ifname }            every bridge we own
+    map nat_pre   { type ifname : verdict }  bridge -> jump c-<id>-pre
+    map filter_in { type ifname : verdict }  bridge -> jump c-<id>-in
+    chain prerouting (nat, dstnat)   iifname vmap @nat_pre
+    chain input      (filter)        iifname vmap @filter_in
+    chain forward    (filter)        iifname @bridges drop; oifname @bridges drop
+
+Container wall: table ``inet <table>`` inside the container's netns with one
+``output`` base chain, policy drop.
+
+Idempotency: ``add table/set/map/chain`` are no-ops when the object exists,
+so the base objects are re-declared in every container transaction; the
+rules of a chain we own are replaced by ``flush chain`` + ``add rule`` in the
+same transaction (no window where the chain is empty). The container wall
+is replaced whole: ``add table; delete table; table {...}`` converges from
+any earlier state in one commit.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from egressd.dataplane.names import (
+    CONTAINER_IFNAME,
+    chain_names,
+    validate_allocation,
+    validate_container_id,
+    validate_ifname,
+    validate_table,
+)
+from egressd.model import Allocation
+
+BRIDGES_SET = "bridges"
+NAT_PRE_MAP = "nat_pre"
+FILTER_IN_MAP = "filter_in"
+CONTAINER_CHAIN_RE = re.compile(r"^c-([0-9a-f]{24})-(pre|in)$")
+
+
+class WallKind(enum.StrEnum):
+    PROXY = "proxy"
+    BLOCK = "block"
+
+
+def _lines(*lines: str) -> str:
+    return "".join(line + "\n" for line in lines)
+
+
+def render_host_base(table: str) -> str:
+    """The shared objects and base-chain rules of the host table."""
+    t = f"inet {validate_table(table)}"
+    return _lines(
+        f"add table {t}",
+        f"add set {t} {BRIDGES_SET} {{ type ifname; }}",
+        f"add map {t} {NAT_PRE_MAP} {{ type ifname : verdict; }}",
+        f"add map {t} {FILTER_IN_MAP} {{ type ifname : verdict; }}",
+        f"add chain {t} prerouting {{ type nat hook prerouting priority dstnat; policy accept; }}",
+        f"add chain {t} input {{ type filter hook input priority filter; policy accept; }}",
+        f"add chain {t} forward {{ type filter hook forward priority filter; policy accept; }}",
+        f"flush chain {t} prerouting",
+        f"flush chain {t} input",
+        f"flush chain {t} forward",
+        f"add rule {t} prerouting iifname vmap @{NAT_PRE_MAP}",
+        f"add rule {t} input iifname vmap @{FILTER_IN_MAP}",
+        # A drop in any base chain is final, whatever other tables accept.
+        f"add rule {t} forward iifname @{BRIDGES_SET} drop",
+        f"add rule {t} forward oifname @{BRIDGES_SET} drop",
+    )
+
+
+def render_host_base_removal(table: str) -> str:
+    t = f"inet {validate_table(table)}"
+    return _lines(f"add table {t}", f"delete table {t}")
+
+
+def render_container_host_rules(table: str, container_id: str, allocation: Allocation) -> str:
+    """The container's chains and map elements (the host base is ensured too).
+
+    TCP from the bridge is DNATed to the relay listener; at input only that
+    DNATed flow is accepted, everything else from the bridge is dropped
+    (v4, v6, every protocol).
+    """
+    t = f"inet {validate_table(table)}"
+    validate_allocation(allocation)
+    pre, inp = chain_names(container_id)
+    bridge = allocation.bridge_name
+    listener = allocation.listener_ip
+    port = allocation.port
+    return render_host_base(table) + _lines(
+        f"add chain {t} {pre}",
+        f"flush chain {t} {pre}",
+        f"add rule {t} {pre} meta nfproto ipv4 meta l4proto tcp dnat ip to {listener}:{port}",
+        f"add chain {t} {inp}",
+        f"flush chain {t} {inp}",
+        f"add rule {t} {inp} ip daddr {listener} tcp dport {port} ct status dnat accept",
+        # DNS hook point: rules accepting the DNS listener (udp/tcp 53 to the
+        # listener, DNATed in `pre`) go here, before the final drop.
+        f"add rule {t} {inp} drop",
+        f'add element {t} {BRIDGES_SET} {{ "{bridge}" }}',
+        f'add element {t} {NAT_PRE_MAP} {{ "{bridge}" : jump {pre} }}',
+        f'add element {t} {FILTER_IN_MAP} {{ "{bridge}" : jump {inp} }}',
+    )
+
+
+@dataclass(frozen=True)
+class HostTableState:
+    """What matters to us in ``nft -j list table inet <table>`` output."""
+
+    chains: frozenset[str] = frozenset()
+    bridges: frozenset[str] = frozenset()
+    # map name -> {bridge name: jump target chain}
+    maps: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    # chain -> "addr:port" of its dnat rule
+    dnat_targets: Mapping[str, str] = field(default_factory=dict)
+
+    def container_ids(self) -> set[str]:
+        return {m.group(1) for c in self.chains if (m := CONTAINER_CHAIN_RE.match(c))}
+
+    def bridges_of(self, container_id: str) -> set[str]:
+        """Bridges whose map elements jump to this container's chains."""
+        ours = set(chain_names(container_id))
+        return {
+            bridge
+            for elements in self.maps.values()
+            for bridge, target in elements.items()
+            if target in ours
+        }
+
+    def has_container(self, container_id: str, allocation: Allocation) -> bool:
+        """The container's chains and elements are all there, DNAT to its listener."""
+        pre, inp = chain_names(container_id)
+        bridge = allocation.bridge_name
+        return (
+            self.dnat_targets.get(pre) == f"{allocation.listener_ip}:{allocation.port}"
+            and pre in self.chains
+            and inp in self.chains
+            and bridge in self.bridges
+            and self.maps.get(NAT_PRE_MAP, {}).get(bridge) == pre
+            and self.maps.get(FILTER_IN_MAP, {}).get(bridge) == inp
+        )
+
+
+def _elem_key(elem: Any) -> Any:
+    # A set element is a plain value, or {"elem": {"val": ...}} when it
+    # carries a timeout or comment; the same holds for a map key.
+    if isinstance(elem, dict) and "elem" in elem:
+        return elem["elem"].get("val")
+    return elem
+
+
+def parse_host_table(listing: Mapping[str, Any]) -> HostTableState:
+    """Parse ``nft -j list table`` output into the parts we own."""
+    chains: set[str] = set()
+    bridges: set[str] = set()
+    maps: dict[str, dict[str, str]] = {}
+    dnat_targets: dict[str, str] = {}
+    for item in listing.get("nftables", []):
+        if "rule" in item:
+            for expr in item["rule"].get("expr", []):
+                if isinstance(expr, dict) and "dnat" in expr:
+                    dnat = expr["dnat"]
+                    dnat_targets[str(item["rule"]["chain"])] = (
+                        f"{dnat.get('addr')}:{dnat.get('port')}"
+                    )
+        elif "chain" in item:
+            chains.add(str(item["chain"]["name"]))
+        elif "set" in item and item["set"].get("name") == BRIDGES_SET:
+            bridges.update(str(_elem_key(e)) for e in item["set"].get("elem", []))
+        elif "map" in item and item["map"].get("name") in (NAT_PRE_MAP, FILTER_IN_MAP):
+            elements: dict[str, str] = {}
+            for entry in item["map"].get("elem", []):
+                key, verdict = entry
+                if isinstance(verdict, dict) and "jump" in verdict:
+                    elements[str(_elem_key(key))] = str(verdict["jump"]["target"])
+            maps[str(item["map"]["name"])] = elements
+    return HostTableState(
+        chains=frozenset(chains),
+        bridges=frozenset(bridges),
+        maps=maps,
+        dnat_targets=dnat_targets,
+    )
+
+
+def render_container_host_removal(
+    table: str,
+    container_id: str,
+    state: HostTableState,
+    *,
+    extra_bridges: Iterable[str] = (),
+) -> str:
+    """Delete exactly this container's elements and chains that ``state`` shows.
+
+    Elements go first: the kernel refuses to delete a chain that a map
+    element still jumps to. ``extra_bridges`` (the allocation's bridge) is
+    removed from ``@bridges`` only when no other container's chain uses it.
+    Returns "" when there is nothing to delete.
+    """
+    t = f"inet {validate_table(table)}"
+    validate_container_id(container_id)
+    ours = set(chain_names(container_id))
+    bridges = state.bridges_of(container_id)
+    used_by_others = {
+        bridge
+        for elements in state.maps.values()
+        for bridge, target in elements.items()
+        if target not in ours
+    }
+    bridges |= {validate_ifname(b) for b in extra_bridges} - used_by_others
+    lines: list[str] = []
+    for map_name in (NAT_PRE_MAP, FILTER_IN_MAP):
+        for bridge, target in sorted(state.maps.get(map_name, {}).items()):
+            if target in ours:
+                lines.append(f'delete element {t} {map_name} {{ "{validate_ifname(bridge)}" }}')
+    for bridge in sorted(bridges & state.bridges):
+        lines.append(f'delete element {t} {BRIDGES_SET} {{ "{bridge}" }}')
+    for chain in chain_names(container_id):
+        if chain in state.chains:
+            lines.append(f"delete chain {t} {chain}")
+    return _lines(*lines)
+
+
+def render_wall(table: str, kind: WallKind) -> str:
+    """The container's own wall, replacing whatever table of that name was there.
+
+    ``ct direction reply`` lets answers to connections that came *in* leave;
+    ``ct state established`` would also let connections the container opened
+    before enforcement keep flowing, so it is not used.
+
+    Conntrack starts in the container's namespace with this table, and by
+    default it picks up TCP connections mid-stream: a connection the
+    container opened earlier, whose peer happens to speak first, would be
+    tracked *from the peer* and the container's side would pass as
+    "reply". The input chain drops a new conntrack that does not begin with
+    a SYN, so such a connection is never confirmed; the container's next
+    packet then starts it in the original direction, and is dropped.
+    """
+    name = validate_table(table)
+    t = f"inet {name}"
+    lines = [f"add table {t}", f"delete table {t}", f"table {t} {{"]
+    if kind is WallKind.PROXY:
+        lines += [
+            "\tchain input {",
+            "\t\ttype filter hook input priority filter; policy accept;",
+            "\t\tmeta l4proto tcp ct state new tcp flags & (fin | syn | rst | ack) != syn drop",
+            "\t}",
+        ]
+    lines += [
+        "\tchain output {",
+        "\t\ttype filter hook output priority filter; policy drop;",
+        '\t\toifname "lo" accept',
+    ]
+    if kind is WallKind.PROXY:
+        lines += [
+            "\t\tct direction reply accept",
+            f'\t\tmeta nfproto ipv4 oifname "{CONTAINER_IFNAME}" accept',
+        ]
+    lines += ["\t}", "}"]
+    return _lines(*lines)
+
+
+def render_wall_removal(table: str) -> str:
+    return render_host_base_removal(table)
+
+
+def parse_wall(listing: Mapping[str, Any] | None) -> WallKind | None:
+    """Which wall a container table listing shows, or None if it is not ours.
+
+    A wall is an ``output`` hook chain with policy drop; it is the proxy
+    wall when a rule accepts ``egress0``.
+    """
+    if listing is None:
+        return None
+    has_drop_hook = False
+    accepts_egress = False
+    for item in listing.get("nftables", []):
+        chain = item.get("chain")
+        if chain and chain.get("hook") == "output" and chain.get("policy") == "drop":
+            has_drop_hook = True
+        rule = item.get("rule")
+        if rule:
+            for expr in rule.get("expr", []):
+                match = expr.get("match") if isinstance(expr, dict) else None
+                if (
+                    match
+                    and match.get("left") == {"meta": {"key": "oifname"}}
+                    and match.get("right") == CONTAINER_IFNAME
+                ):
+                    accepts_egress = True
+    if not has_drop_hook:
+        return None
+    return WallKind.PROXY if accepts_egress else WallKind.BLOCK
