@@ -167,11 +167,20 @@ class DirectContainer:
             run(["ip", "-n", rns, "addr", "add", f"{self.gw6}/64", "dev", veth.name_b, "nodad"])
             run(["ip", "-n", self.ns.name, "route", "add", "default", "via", self.gw])
             run(["ip", "-n", self.ns.name, "-6", "route", "add", "default", "via", self.gw6])
+            self._settle()
             self._stack = stack.pop_all()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
+
+    def _settle(self) -> None:
+        """Wait for IPv6 duplicate address detection, so link state stops changing."""
+        deadline = time.monotonic() + 10
+        while run(["ip", "-n", self.ns.name, "-6", "addr", "show", "tentative"]).stdout.strip():
+            if time.monotonic() > deadline:
+                raise TimeoutError("IPv6 addresses still tentative")
+            time.sleep(0.05)
 
     def sh(self, argv: list[str], timeout: float = 20) -> subprocess.CompletedProcess[str]:
         return self.ns.run(argv, check=False, timeout=timeout)

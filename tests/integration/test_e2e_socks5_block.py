@@ -130,7 +130,7 @@ def test_wrong_credentials_report_error_and_pass_nothing(
         got = c.containers.get_network_config(id=cid)
         assert got["status"] == "error"
         assert "rejected" in got["status_reason"]
-        assert got["remote_status"]["upstream"]["reachable"] is False
+        assert got["remote_status"]["upstream"]["auth_failed"] is True
     assert container.curl(f"http://{upstream_world.remote_ip}/").returncode != 0
     assert remote_http.peers() == []
 

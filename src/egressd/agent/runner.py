@@ -216,7 +216,7 @@ class Agent:
             p.upstream = self._on_loop(
                 self.relay.probe(desired.config.proxy, timeout=self.settings.upstream_timeout)
             )
-            if p.upstream.get("reachable"):
+            if p.upstream.get("reachable") and not p.upstream.get("last_error"):
                 self._record(p, Status.RUNNING, None, True)
                 log.info(
                     "container %s: proxy enforced via %s", cid, desired.config.proxy.endpoint_url
