@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
+import httpx
 import typer
 
 from egressd.client import ApiError, Client
@@ -79,7 +80,7 @@ def _call(url: str, token: str | None, as_json: bool, fn: Any) -> Any:
         else:
             typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
-    except OSError as exc:
+    except (OSError, httpx.TransportError) as exc:
         typer.echo(f"error: cannot reach {url}: {exc}", err=True)
         raise typer.Exit(2) from None
 
