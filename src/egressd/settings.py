@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     apply_timeout: float = 15.0
     # Periodic resync of the reconciler, even without wake-ups (seconds).
     resync_interval: float = 30.0
+    # Health probe of each running container's upstream proxy (seconds).
+    probe_interval: float = 10.0
     upstream_timeout: float = 5.0
     max_body_bytes: int = 16 * 1024
 

@@ -427,3 +427,31 @@ def test_healthz_and_openapi(api: Api) -> None:
     spec = api.client.get("/openapi.json").json()
     assert "/api/v1/containers/{container_id}/network/start" in spec["paths"]
     assert api.client.get("/docs").status_code == 200
+
+
+def test_live_status_follows_upstream_health(api: Api) -> None:
+    import time
+
+    cid = api.container()
+    base = f"/api/v1/containers/{cid}/network"
+    h = api.h(api.alice)
+    api.client.patch(base, json=GOOD, headers=h)
+    assert api.client.post(base + "/start", headers=h).status_code == 200
+
+    def status_becomes(expected: str) -> dict[str, Any]:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            data: dict[str, Any] = api.client.get(base, headers=h).json()["data"]
+            if data["status"] == expected:
+                return data
+            time.sleep(0.05)
+        raise AssertionError(f"status never became {expected}")
+
+    api.relay.reachable = False
+    data = status_becomes("error")
+    assert data["remote_status"]["upstream"]["reachable"] is False
+    assert "connection refused" in data["status_reason"]
+    assert data["remote_status"]["is_running"] is True  # enforcement stays: fail closed
+    api.relay.reachable = True
+    data = status_becomes("running")
+    assert data["status_reason"] is None

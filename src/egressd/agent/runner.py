@@ -18,13 +18,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from egressd.agent.plan import Step, applied_type, plan
 from egressd.errors import EgressdError, RuntimeLookupError
-from egressd.model import Allocation, ProxySpec, Status
+from egressd.model import Allocation, DesiredState, ProxySpec, Status
 from egressd.runtimes import resolve_netns
 from egressd.settings import Settings
 from egressd.store import NetworkView, Store
@@ -83,6 +84,17 @@ class _Pass:
             self.upstream = observed.upstream
 
 
+def _pending(view: NetworkView) -> bool:
+    """Whether the agent has not yet acted on the latest desired state."""
+    if view.desired is None:
+        return True  # leftovers of a removed configuration
+    observed = view.observed
+    if observed is None or observed.observed_generation != view.desired.generation:
+        return True
+    # A failed apply (namespace missing, kernel error) is retried on every wake-up.
+    return observed.status is Status.ERROR and not observed.is_running
+
+
 class Agent:
     def __init__(
         self,
@@ -120,19 +132,88 @@ class Agent:
             self._thread.join(timeout=30)
 
     def _run(self) -> None:
+        now = time.monotonic()
+        next_resync, next_probe = now, now + self.settings.probe_interval
         while not self._stopping.is_set():
+            now = time.monotonic()
             try:
-                self.reconcile_all()
+                if now >= next_resync:
+                    # Level-triggered safety net: every container, changed or not.
+                    self.reconcile_all(only_pending=False)
+                    next_resync = time.monotonic() + self.settings.resync_interval
+                else:
+                    self.reconcile_all(only_pending=True)
+                if time.monotonic() >= next_probe:
+                    self.probe_all()
+                    next_probe = time.monotonic() + self.settings.probe_interval
             except Exception:
                 log.exception("reconcile pass failed")
-            self.wakeups.wait_for_work(self.settings.resync_interval)
+            wait = min(next_resync, next_probe) - time.monotonic()
+            self.wakeups.wait_for_work(max(wait, 0.0))
+
+    # -- health --------------------------------------------------------------------
+
+    def probe_all(self) -> None:
+        """Probe the upstream of every running proxy container; flip running <-> error.
+
+        Runs in the reconciler thread (the only writer of observed state), the
+        probes themselves concurrently on the relay loop, bounded in number.
+        """
+        targets = [
+            v
+            for v in self.store.list_networks(node=self.settings.node)
+            if not _pending(v)
+            and v.desired is not None
+            and v.desired.desired_state is DesiredState.RUNNING
+            and v.desired.config.proxy is not None
+            and v.observed is not None
+            and v.observed.is_running
+        ]
+        if not targets:
+            return
+
+        async def probe_many() -> list[dict[str, Any]]:
+            limit = asyncio.Semaphore(64)
+
+            async def one(view: NetworkView) -> dict[str, Any]:
+                assert view.desired is not None and view.desired.config.proxy is not None
+                async with limit:
+                    return await self.relay.probe(
+                        view.desired.config.proxy, timeout=self.settings.upstream_timeout
+                    )
+
+            return await asyncio.gather(*(one(v) for v in targets))
+
+        results = self._on_loop(probe_many(), timeout=self.settings.upstream_timeout * 4 + 30)
+        for view, upstream in zip(targets, results, strict=True):
+            p = _Pass(
+                view=view,
+                generation=view.desired.generation if view.desired else 0,
+                netns_path=None,
+            )
+            p.upstream = upstream
+            healthy = bool(upstream.get("reachable")) and not upstream.get("last_error")
+            was = view.observed.status if view.observed else None
+            if healthy:
+                self._record(p, Status.RUNNING, None, True)
+                if was is Status.ERROR:
+                    log.info("container %s: upstream recovered", view.container.id)
+            else:
+                reason = f"upstream proxy check failed: {upstream.get('last_error')}"
+                self._record(p, Status.ERROR, reason, True)
+                if was is not Status.ERROR:
+                    log.warning("container %s: %s", view.container.id, reason)
+        self.wakeups.notify_observed()
 
     # -- reconcile -----------------------------------------------------------------
 
-    def reconcile_all(self) -> None:
+    def reconcile_all(self, *, only_pending: bool = False) -> None:
+        """Converge every container of this node (or only those with unapplied changes)."""
         for view in self.store.list_networks(node=self.settings.node):
             if self._stopping.is_set():
                 return
+            if only_pending and not _pending(view):
+                continue
             try:
                 self.reconcile(view)
             except Exception:
