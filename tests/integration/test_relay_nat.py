@@ -115,7 +115,9 @@ async def _inside() -> dict[str, Any]:
             # FREEBIND: neither address exists yet.
             for index, ip in enumerate((LISTENER_V4, LISTENER_V6)):
                 cid = f"{index:024x}"
-                await relay.ensure_listener(container_id=cid, listen_ip=ip, port=PORT, upstream=upstream)
+                await relay.ensure_listener(
+                    container_id=cid, listen_ip=ip, port=PORT, upstream=upstream
+                )
             for address in (f"{LISTENER_V4}/32", f"{CLIENT_V4}/32"):
                 _sh("ip", "addr", "add", address, "dev", "lo")
             for address in (f"{LISTENER_V6}/128", f"{CLIENT_V6}/128"):

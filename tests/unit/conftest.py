@@ -38,7 +38,9 @@ class Api:
 
 
 def make_api(tmp_path: Path, *, with_agent: bool) -> Iterator[Api]:
-    settings = Settings(data_dir=tmp_path, apply_timeout=3.0, resync_interval=60.0, probe_interval=0.2)
+    settings = Settings(
+        data_dir=tmp_path, apply_timeout=3.0, resync_interval=60.0, probe_interval=0.2
+    )
     store = open_store(settings)
     tokens = {n: store.create_token(n, admin=(n == "admin")) for n in ("admin", "alice", "bob")}
     wakeups = Wakeups(poll=0.05)

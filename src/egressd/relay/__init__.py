@@ -1,0 +1,46 @@
+"""The relay: transparent per-container TCP listeners that tunnel every
+connection through the container's upstream proxy (SOCKS5, HTTP CONNECT, or
+HTTP CONNECT over TLS), plus the upstream health probe.
+
+Package face: the private modules below are re-exported here.
+
+    _relay          Relay: listeners, accept loops, one task per connection
+    _original_dst   SO_ORIGINAL_DST reader (pure sockaddr parsing + getsockopt)
+    _upstream       dial a proxy, TLS, drive a handshake -> Tunnel
+    _socks5         SOCKS5 client handshake, sans-IO (RFC 1928, RFC 1929)
+    _http_connect   HTTP CONNECT client handshake, sans-IO
+    _events         events and helpers shared by the handshakes
+    _channel        Channel protocol; SocketChannel (plain socket, half-close, abort)
+    _tls            TlsChannel: TLS over MemoryBIO, so https tunnels can half-close too
+    _pump           pump(): the data-path seam (both ways, half-close)
+    _probe          probe_upstream() -> ProbeResult
+    _tasks          TaskSet: the one way tasks are started
+    _errors         UpstreamConnectRejected (a refined UpstreamProtocolError)
+
+Concurrency model: single asyncio event loop; see ``_relay``.
+"""
+
+from egressd.relay._errors import UpstreamConnectRejected
+from egressd.relay._events import Authenticated, SendBytes, TunnelReady
+from egressd.relay._http_connect import HttpConnectHandshake
+from egressd.relay._original_dst import original_destination, parse_sockaddr
+from egressd.relay._probe import ProbeResult, probe_upstream
+from egressd.relay._relay import Relay
+from egressd.relay._socks5 import Socks5Handshake
+from egressd.relay._upstream import Tunnel, open_tunnel
+
+__all__ = [
+    "Authenticated",
+    "HttpConnectHandshake",
+    "ProbeResult",
+    "Relay",
+    "SendBytes",
+    "Socks5Handshake",
+    "Tunnel",
+    "TunnelReady",
+    "UpstreamConnectRejected",
+    "open_tunnel",
+    "original_destination",
+    "parse_sockaddr",
+    "probe_upstream",
+]

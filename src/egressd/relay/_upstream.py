@@ -1,0 +1,200 @@
+"""Dial an upstream proxy and open a tunnel through it to one destination.
+
+Steps, each bounded: TCP connect to the proxy (``connect_timeout``, which
+includes resolving a proxy host name; destinations are never resolved),
+then TLS for ``https`` proxies and the SOCKS5 / HTTP CONNECT handshake
+(``handshake_timeout``). Failures become :class:`egressd.errors.UpstreamError`
+subclasses whose messages name the proxy by endpoint only, never by
+credentials.
+
+TLS: the caller may pass an :class:`ssl.SSLContext` (a per-config CA bundle
+or a verification opt-out later); without one, the system trust store
+verifies the proxy's certificate against ``spec.host``.
+
+Concurrency model: coroutines run inside the connection task that calls
+them; cancelling that task closes whatever socket was opened so far.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import socket
+import ssl
+from dataclasses import dataclass
+
+from egressd.errors import UpstreamProtocolError, UpstreamUnreachable
+from egressd.model import NetworkType, ProxySpec
+from egressd.relay._channel import RECV_CHUNK, Channel, SocketChannel, tune_tcp
+from egressd.relay._events import ClientHandshake, SendBytes, TunnelReady, format_endpoint
+from egressd.relay._http_connect import HttpConnectHandshake
+from egressd.relay._socks5 import Socks5Handshake
+from egressd.relay._tls import TlsChannel
+
+
+@dataclass
+class Tunnel:
+    """An established tunnel: bytes written to ``channel`` reach the destination."""
+
+    channel: Channel
+    early_payload: bytes
+
+
+def proxy_label(spec: ProxySpec) -> str:
+    """How messages name the proxy: scheme and endpoint, no credentials."""
+    return f"{spec.scheme.value} proxy {format_endpoint(spec.host, spec.port)}"
+
+
+def make_handshake(spec: ProxySpec, destination: tuple[str, int] | None) -> ClientHandshake:
+    """The handshake for ``spec``; ``destination=None`` (SOCKS5 only) stops after auth."""
+    label = proxy_label(spec)
+    if spec.scheme is NetworkType.SOCKS5:
+        return Socks5Handshake(
+            destination=destination,
+            username=spec.username,
+            password=spec.password,
+            proxy_label=label,
+        )
+    if spec.scheme in (NetworkType.HTTP, NetworkType.HTTPS):
+        if destination is None:
+            raise ValueError("HTTP CONNECT always needs a destination")
+        return HttpConnectHandshake(
+            destination=destination,
+            username=spec.username,
+            password=spec.password,
+            proxy_label=label,
+        )
+    raise ValueError(f"no upstream handshake for network type {spec.scheme.value!r}")
+
+
+async def connect_proxy(spec: ProxySpec, *, timeout: float) -> socket.socket:
+    """A connected non-blocking TCP socket to the proxy, or :class:`UpstreamUnreachable`."""
+    loop = asyncio.get_running_loop()
+    label = proxy_label(spec)
+    last_error: OSError | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            for family, address in await _proxy_addresses(spec):
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                try:
+                    sock.setblocking(False)
+                    await loop.sock_connect(sock, address)
+                except OSError as exc:
+                    sock.close()
+                    last_error = exc
+                    continue
+                except BaseException:
+                    sock.close()
+                    raise
+                tune_tcp(sock)
+                return sock
+    except TimeoutError:
+        raise UpstreamUnreachable(
+            f"cannot connect to {label}: no answer within {timeout:g}s"
+        ) from None
+    except socket.gaierror as exc:
+        raise UpstreamUnreachable(f"cannot resolve {label}: {exc.strerror}") from None
+    reason = _reason(last_error) if last_error is not None else "no address to connect to"
+    raise UpstreamUnreachable(f"cannot connect to {label}: {reason}") from None
+
+
+def _reason(exc: OSError) -> str:
+    """The errno's text ("Connection refused"), not asyncio's wrapped message."""
+    if exc.errno:
+        return os.strerror(exc.errno)
+    return str(exc) or type(exc).__name__
+
+
+async def _proxy_addresses(spec: ProxySpec) -> list[tuple[int, tuple[str, int]]]:
+    try:
+        address = ipaddress.ip_address(spec.host)
+    except ValueError:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            spec.host, spec.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+        )
+        return [(family, (str(sockaddr[0]), int(sockaddr[1]))) for family, *_, sockaddr in infos]
+    family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+    return [(family, (str(address), spec.port))]
+
+
+async def _start_tls(
+    sock: socket.socket, spec: ProxySpec, ssl_context: ssl.SSLContext | None
+) -> TlsChannel:
+    context = ssl_context if ssl_context is not None else ssl.create_default_context()
+    try:
+        return await TlsChannel.connect(sock, context=context, server_hostname=spec.host)
+    except ssl.SSLError as exc:
+        raise UpstreamUnreachable(f"TLS to {proxy_label(spec)} failed: {exc}") from None
+
+
+async def drive_handshake(handshake: ClientHandshake, channel: Channel) -> bytes:
+    """Run ``handshake`` over ``channel`` until done; returns the early payload."""
+    early = b""
+    events = handshake.initiate()
+    while True:
+        for event in events:
+            if isinstance(event, SendBytes):
+                await channel.send_all(event.data)
+            elif isinstance(event, TunnelReady):
+                early = event.early_payload
+        if handshake.is_done:
+            return early
+        data = await channel.recv(RECV_CHUNK)
+        if not data:
+            handshake.receive_eof()
+            raise UpstreamProtocolError("proxy closed the connection during the handshake")
+        events = handshake.receive_data(data)
+
+
+async def dial(
+    spec: ProxySpec,
+    handshake: ClientHandshake,
+    *,
+    connect_timeout: float,
+    handshake_timeout: float,
+    ssl_context: ssl.SSLContext | None = None,
+) -> Tunnel:
+    """Connect to the proxy and run ``handshake``; on any failure nothing stays open."""
+    sock = await connect_proxy(spec, timeout=connect_timeout)
+    label = proxy_label(spec)
+    channel: Channel | None = None
+    try:
+        async with asyncio.timeout(handshake_timeout):
+            if spec.scheme is NetworkType.HTTPS:
+                channel = await _start_tls(sock, spec, ssl_context)
+            else:
+                channel = SocketChannel(sock)
+            early = await drive_handshake(handshake, channel)
+    except BaseException as exc:
+        if channel is not None:
+            channel.abort()
+        else:
+            sock.close()
+        if isinstance(exc, TimeoutError):
+            raise UpstreamUnreachable(
+                f"{label} did not complete the handshake within {handshake_timeout:g}s"
+            ) from None
+        if isinstance(exc, OSError):
+            reason = _reason(exc)
+            raise UpstreamUnreachable(f"connection to {label} failed: {reason}") from None
+        raise
+    return Tunnel(channel=channel, early_payload=early)
+
+
+async def open_tunnel(
+    spec: ProxySpec,
+    destination: tuple[str, int],
+    *,
+    connect_timeout: float,
+    handshake_timeout: float,
+    ssl_context: ssl.SSLContext | None = None,
+) -> Tunnel:
+    """A tunnel through ``spec`` to ``destination`` (an IP literal and port)."""
+    return await dial(
+        spec,
+        make_handshake(spec, destination),
+        connect_timeout=connect_timeout,
+        handshake_timeout=handshake_timeout,
+        ssl_context=ssl_context,
+    )
