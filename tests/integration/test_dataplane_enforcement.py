@@ -230,7 +230,8 @@ def test_proxy_apply_builds_exactly_the_topology(world: World) -> None:
     assert list_host_containers(world.table) == {cid}
 
     wall = sh("ip", "netns", "exec", world.ns, "nft", "list", "table", "inet", world.table)
-    assert "policy drop;" in wall and 'oifname "egress0" accept' in wall
+    assert "policy drop;" in wall and 'oifname "egress0" meta l4proto tcp accept' in wall
+    assert 'oifname "egress0" udp dport 53 accept' in wall
     assert "ct direction reply accept" in wall and "established" not in wall
 
     seen = inspect_container(
@@ -469,8 +470,8 @@ def test_traffic_is_redirected_or_dropped(world: World) -> None:
                 c.sendall(b"ping")
                 assert conn.recv(4) == b"ping"
 
-        # UDP to the bridge leaves the container but the host drops it.
-        with world.sock(socket.AF_INET, socket.SOCK_DGRAM) as u:
+        # UDP (not DNS) to the bridge: the wall refuses it, and nothing arrives.
+        with world.sock(socket.AF_INET, socket.SOCK_DGRAM) as u, pytest.raises(PermissionError):
             u.sendto(b"leak?", (str(a.bridge_ip), 9999))
         with pytest.raises(TimeoutError):
             udp_sink.recv(16)
@@ -483,7 +484,10 @@ def test_traffic_is_redirected_or_dropped(world: World) -> None:
             icmp.settimeout(0.5)
             echo = struct.pack("!BBHHH", 8, 0, 0, 0x4567, 1) + b"egressd"
             checksum = _inet_checksum(echo)
-            icmp.sendto(echo[:2] + struct.pack("!H", checksum) + echo[4:], (str(a.bridge_ip), 0))
+            with pytest.raises(PermissionError):  # the wall: no ICMP out
+                icmp.sendto(
+                    echo[:2] + struct.pack("!H", checksum) + echo[4:], (str(a.bridge_ip), 0)
+                )
             with pytest.raises(TimeoutError):
                 while True:  # skip our own echo request if the raw socket sees it
                     data = icmp.recv(256)
@@ -612,3 +616,24 @@ def test_proc_pid_netns_path(world: World) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_host_wall_holds_without_the_container_wall(world: World) -> None:
+    """Fail closed in depth: with the container's wall gone (a container with
+    CAP_NET_ADMIN could remove it), the host still drops everything from the
+    bridge but the relay's TCP and DNS, and forwards nothing."""
+    a = world.allocation
+    world.apply()
+    sh("ip", "netns", "exec", world.ns, "nft", "delete", "table", "inet", world.table)
+    udp_sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        udp_sink.bind((str(a.bridge_ip), 9999))
+        udp_sink.settimeout(0.5)
+        with world.sock(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.sendto(b"leak?", (str(a.bridge_ip), 9999))  # leaves the container now
+        with pytest.raises(TimeoutError):
+            udp_sink.recv(16)
+        counters = sh("nft", "list", "chain", "inet", world.table, f"c-{world.container_id}-in")
+        assert "drop" in counters
+    finally:
+        udp_sink.close()

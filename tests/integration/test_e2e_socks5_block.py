@@ -71,7 +71,7 @@ def test_socks5_then_stop_then_block(
         assert r.returncode == 0, r.stderr
         assert r.stdout == remote_http.body.decode()
         assert remote_http.peers()[-1] == dante.external_ip
-        assert upstream_world.remote_ip in dante.log_text()
+        dante.wait_log(upstream_world.remote_ip)
         got = c.containers.get_network_config(id=cid)
         assert got["status"] == "running"
         assert got["remote_status"]["bridge_details"] == details
