@@ -51,11 +51,17 @@ CONTAINER_RULES = """\
 add chain inet egressd c-0123456789abcdef01234567-pre
 flush chain inet egressd c-0123456789abcdef01234567-pre
 add rule inet egressd c-0123456789abcdef01234567-pre \
+meta nfproto ipv4 udp dport 53 dnat ip to 10.20.0.10:53
+add rule inet egressd c-0123456789abcdef01234567-pre \
+meta nfproto ipv4 tcp dport 53 dnat ip to 10.20.0.10:53
+add rule inet egressd c-0123456789abcdef01234567-pre \
 meta nfproto ipv4 meta l4proto tcp dnat ip to 10.20.0.10:41000
 add chain inet egressd c-0123456789abcdef01234567-in
 flush chain inet egressd c-0123456789abcdef01234567-in
 add rule inet egressd c-0123456789abcdef01234567-in \
 ip daddr 10.20.0.10 tcp dport 41000 ct status dnat accept
+add rule inet egressd c-0123456789abcdef01234567-in \
+ip daddr 10.20.0.10 meta l4proto { tcp, udp } th dport 53 accept
 add rule inet egressd c-0123456789abcdef01234567-in drop
 add element inet egressd bridges { "br-0123456789ab" }
 add element inet egressd nat_pre { "br-0123456789ab" : jump c-0123456789abcdef01234567-pre }
@@ -74,7 +80,8 @@ table inet egressd {
 \t\ttype filter hook output priority filter; policy drop;
 \t\toifname "lo" accept
 \t\tct direction reply accept
-\t\tmeta nfproto ipv4 oifname "egress0" accept
+\t\tmeta nfproto ipv4 oifname "egress0" meta l4proto tcp accept
+\t\tmeta nfproto ipv4 oifname "egress0" udp dport 53 accept
 \t}
 }
 """

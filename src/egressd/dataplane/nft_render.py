@@ -13,7 +13,9 @@ Host table ``inet <table>`` (one per host, shared by all containers)::
     chain forward    (filter)        iifname @bridges drop; oifname @bridges drop
 
 Container wall: table ``inet <table>`` inside the container's netns with one
-``output`` base chain, policy drop.
+``output`` base chain, policy drop: ``lo``, replies to inbound connections,
+and (proxy type) IPv4 TCP and UDP/53 out of ``egress0``. No IPv6, no ICMP,
+no other UDP leaves the container while enforced.
 
 Idempotency: ``add table/set/map/chain`` are no-ops when the object exists,
 so the base objects are re-declared in every container transaction; the
@@ -41,6 +43,7 @@ from egressd.dataplane.names import (
 )
 from egressd.model import Allocation
 
+DNS_PORT = 53
 BRIDGES_SET = "bridges"
 NAT_PRE_MAP = "nat_pre"
 FILTER_IN_MAP = "filter_in"
@@ -86,9 +89,10 @@ def render_host_base_removal(table: str) -> str:
 def render_container_host_rules(table: str, container_id: str, allocation: Allocation) -> str:
     """The container's chains and map elements (the host base is ensured too).
 
-    TCP from the bridge is DNATed to the relay listener; at input only that
-    DNATed flow is accepted, everything else from the bridge is dropped
-    (v4, v6, every protocol).
+    DNS (udp and tcp port 53, to any address) is DNATed to the relay's DNS
+    listener on the same address, port 53; every other TCP connection to the
+    relay listener. At input only those are accepted; everything else from
+    the bridge is dropped (v4, v6, every protocol).
     """
     t = f"inet {validate_table(table)}"
     validate_allocation(allocation)
@@ -96,15 +100,17 @@ def render_container_host_rules(table: str, container_id: str, allocation: Alloc
     bridge = allocation.bridge_name
     listener = allocation.listener_ip
     port = allocation.port
+    dns = DNS_PORT
     return render_host_base(table) + _lines(
         f"add chain {t} {pre}",
         f"flush chain {t} {pre}",
+        f"add rule {t} {pre} meta nfproto ipv4 udp dport {dns} dnat ip to {listener}:{dns}",
+        f"add rule {t} {pre} meta nfproto ipv4 tcp dport {dns} dnat ip to {listener}:{dns}",
         f"add rule {t} {pre} meta nfproto ipv4 meta l4proto tcp dnat ip to {listener}:{port}",
         f"add chain {t} {inp}",
         f"flush chain {t} {inp}",
         f"add rule {t} {inp} ip daddr {listener} tcp dport {port} ct status dnat accept",
-        # DNS hook point: rules accepting the DNS listener (udp/tcp 53 to the
-        # listener, DNATed in `pre`) go here, before the final drop.
+        f"add rule {t} {inp} ip daddr {listener} meta l4proto {{ tcp, udp }} th dport {dns} accept",
         f"add rule {t} {inp} drop",
         f'add element {t} {BRIDGES_SET} {{ "{bridge}" }}',
         f'add element {t} {NAT_PRE_MAP} {{ "{bridge}" : jump {pre} }}',
@@ -262,7 +268,8 @@ def render_wall(table: str, kind: WallKind) -> str:
     if kind is WallKind.PROXY:
         lines += [
             "\t\tct direction reply accept",
-            f'\t\tmeta nfproto ipv4 oifname "{CONTAINER_IFNAME}" accept',
+            f'\t\tmeta nfproto ipv4 oifname "{CONTAINER_IFNAME}" meta l4proto tcp accept',
+            f'\t\tmeta nfproto ipv4 oifname "{CONTAINER_IFNAME}" udp dport {DNS_PORT} accept',
         ]
     lines += ["\t}", "}"]
     return _lines(*lines)
