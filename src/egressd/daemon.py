@@ -64,13 +64,14 @@ def build_app(
         from egressd.agent.runner import Agent
         from egressd.relay import Relay
 
-        relay = Relay(connect_timeout=settings.upstream_timeout)
+        tls = settings.upstream_ssl_context()
+        relay = Relay(connect_timeout=settings.upstream_timeout, ssl_context=tls)
         agent = Agent(
             settings=settings,
             store=store,
             wakeups=wakeups,
             dataplane=KernelDataplane(),
-            relay=RelayAdapter(relay),
+            relay=RelayAdapter(relay, ssl_context=tls),
             loop=asyncio.get_running_loop(),
         )
         agent.start()

@@ -7,6 +7,7 @@ imports a global settings instance.
 from __future__ import annotations
 
 import ipaddress
+import ssl
 from pathlib import Path
 
 from pydantic import Field, field_validator
@@ -30,12 +31,21 @@ class Settings(BaseSettings):
     # Health probe of each running container's upstream proxy (seconds).
     probe_interval: float = 10.0
     upstream_timeout: float = 5.0
+    # Extra CA certificates (PEM) trusted for `https` proxies, on top of the system store.
+    upstream_ca_file: Path | None = None
     max_body_bytes: int = 16 * 1024
 
     @field_validator("pool", mode="before")
     @classmethod
     def _pool(cls, value: object) -> object:
         return ipaddress.IPv4Network(str(value), strict=True)
+
+    def upstream_ssl_context(self) -> ssl.SSLContext:
+        """TLS to `https` proxies: always verified (system store + ``upstream_ca_file``)."""
+        context = ssl.create_default_context()
+        if self.upstream_ca_file is not None:
+            context.load_verify_locations(cafile=str(self.upstream_ca_file))
+        return context
 
     @property
     def effective_database_url(self) -> str:

@@ -13,6 +13,8 @@ processes, all removed when it ends, passed or failed.
 ``dante_noauth``    Dante, method none, on port 1081 (same attributes, no credentials)
 ``tinyproxy``       Tinyproxy (HTTP CONNECT, Basic auth) on 8888: url, endpoint, host, port,
                     username, password, log_text(), wait_log(needle)
+``tinyproxy_noauth``, ``https_proxy_noauth``: the same without credentials (ports 8890, 8444)
+``dnsmasq``         Dnsmasq on remote_ip:53 answering TEST_NAME: log_text(), queries()
 ``https_proxy``     HttpsProxy: stunnel 8443 -> tinyproxy 8889: url, endpoint, ca_path,
                     username, password, .tinyproxy, .stunnel (each with log_text/wait_log)
 
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.dns_peer import Dnsmasq
 from tests.integration.peers import (
     Dante,
     HttpsProxy,
@@ -102,3 +105,24 @@ def https_proxy(upstream_world: UpstreamWorld) -> Iterator[HttpsProxy]:
     require_tools("tinyproxy", "stunnel4", "openssl")
     with HttpsProxy(upstream_world, backend_port=8889) as proxy:
         yield proxy
+
+
+@pytest.fixture
+def tinyproxy_noauth(upstream_world: UpstreamWorld) -> Iterator[Tinyproxy]:
+    require_tools("tinyproxy")
+    with Tinyproxy(upstream_world, port=8890, auth=False) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def https_proxy_noauth(upstream_world: UpstreamWorld) -> Iterator[HttpsProxy]:
+    require_tools("tinyproxy", "stunnel4", "openssl")
+    with HttpsProxy(upstream_world, port=8444, backend_port=8891, auth=False) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def dnsmasq(upstream_world: UpstreamWorld) -> Iterator[Dnsmasq]:
+    require_tools("dnsmasq")
+    with Dnsmasq(upstream_world.remote_ns, upstream_world.remote_ip) as server:
+        yield server

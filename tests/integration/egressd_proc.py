@@ -38,7 +38,14 @@ def free_port() -> int:
 
 
 class EgressdServer:
-    def __init__(self, *, apply_timeout: float = 15.0, resync_interval: float = 30.0) -> None:
+    def __init__(
+        self,
+        *,
+        apply_timeout: float = 15.0,
+        resync_interval: float = 30.0,
+        probe_interval: float = 10.0,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.table = f"egressd_t{secrets.token_hex(3)}"
@@ -50,6 +57,8 @@ class EgressdServer:
             "EGRESSD_POOL": self.pool,
             "EGRESSD_APPLY_TIMEOUT": str(apply_timeout),
             "EGRESSD_RESYNC_INTERVAL": str(resync_interval),
+            "EGRESSD_PROBE_INTERVAL": str(probe_interval),
+            **(extra_env or {}),
         }
         self.proc: subprocess.Popen[bytes] | None = None
         self.token = ""

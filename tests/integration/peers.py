@@ -650,13 +650,16 @@ class Tinyproxy(LoggingPeer):
         username: str | None = None,
         password: str | None = None,
         port: int = 8888,
+        auth: bool = True,
     ) -> None:
-        self.world, self.port = world, port
+        self.world, self.port, self.auth = world, port, auth
         self.host = world.proxy_ip
         self.username = username if username is not None else f"egt{new_suffix()}"
         self.password = password if password is not None else secrets.token_urlsafe(12)
-        self.url = f"http://{self.username}:{self.password}@{self.host}:{port}"
         self.endpoint = f"http://{self.host}:{port}"
+        self.url = (
+            f"http://{self.username}:{self.password}@{self.host}:{port}" if auth else self.endpoint
+        )
         self._stack = ExitStack()
 
     def config(self, log_path: Path, filter_path: Path) -> str:
@@ -670,9 +673,10 @@ LogFile "{log_path}"
 LogLevel Connect
 Allow 127.0.0.1
 Allow {TEST_NET}
-BasicAuth {self.username} {self.password}
+{f"BasicAuth {self.username} {self.password}" if self.auth else ""}
 ConnectPort 80
 ConnectPort 443
+ConnectPort 53
 DisableViaHeader Yes
 Filter "{filter_path}"
 FilterType ere
@@ -775,13 +779,17 @@ class Stunnel(LoggingPeer):
 class HttpsProxy:
     """An ``https`` upstream: stunnel (TLS, test CA) in front of tinyproxy (CONNECT + Basic)."""
 
-    def __init__(self, world: UpstreamWorld, *, port: int = 8443, backend_port: int = 8888) -> None:
-        self.tinyproxy = Tinyproxy(world, port=backend_port)
+    def __init__(
+        self, world: UpstreamWorld, *, port: int = 8443, backend_port: int = 8888, auth: bool = True
+    ) -> None:
+        self.tinyproxy = Tinyproxy(world, port=backend_port, auth=auth)
         self.stunnel = Stunnel(world, backend_port=backend_port, port=port)
         self.host, self.port = world.proxy_ip, port
         self.username, self.password = self.tinyproxy.username, self.tinyproxy.password
-        self.url = f"https://{self.username}:{self.password}@{self.host}:{port}"
         self.endpoint = f"https://{self.host}:{port}"
+        self.url = (
+            f"https://{self.username}:{self.password}@{self.host}:{port}" if auth else self.endpoint
+        )
         self._stack = ExitStack()
 
     def __enter__(self) -> Self:

@@ -6,6 +6,7 @@ these adapters convert between that and the dataplane's / relay's values.
 
 from __future__ import annotations
 
+import ssl
 from datetime import UTC, datetime
 from typing import Any
 
@@ -68,8 +69,9 @@ class KernelDataplane:
 
 
 class RelayAdapter:
-    def __init__(self, relay: Relay) -> None:
+    def __init__(self, relay: Relay, *, ssl_context: ssl.SSLContext | None = None) -> None:
         self.relay = relay
+        self.ssl_context = ssl_context
 
     async def ensure_listener(
         self, *, container_id: str, listen_ip: str, port: int, upstream: ProxySpec
@@ -82,7 +84,7 @@ class RelayAdapter:
         await self.relay.remove_listener(container_id)
 
     async def probe(self, spec: ProxySpec, *, timeout: float) -> dict[str, Any]:
-        result = await probe_upstream(spec, timeout=timeout)
+        result = await probe_upstream(spec, timeout=timeout, ssl_context=self.ssl_context)
         return {
             "reachable": result.reachable,
             "latency_ms": round(result.latency_ms, 2) if result.latency_ms is not None else None,
