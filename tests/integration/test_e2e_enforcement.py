@@ -75,7 +75,7 @@ def test_each_upstream_type_carries_the_containers_tcp(
     ca = getattr(proxy, "ca_path", None)
     env = {"EGRESSD_UPSTREAM_CA_FILE": str(ca)} if ca else {}
     with EgressdServer(extra_env=env) as server:
-        cid, started = enforce(
+        _, started = enforce(
             server,
             container,
             {
