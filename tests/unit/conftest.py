@@ -22,6 +22,7 @@ class Api:
     settings: Settings
     dataplane: FakeDataplane
     relay: FakeRelay
+    agent: Agent
     admin: str
     alice: str
     bob: str
@@ -59,7 +60,7 @@ def make_api(tmp_path: Path, *, with_agent: bool) -> Iterator[Api]:
         if with_agent:
             agent.start()
         try:
-            yield Api(client, store, settings, dataplane, relay, **tokens)
+            yield Api(client, store, settings, dataplane, relay, agent, **tokens)
         finally:
             agent.stop()
             store.engine.dispose()

@@ -22,6 +22,9 @@ class FakeDataplane:
     def ensure_host_base(self, table: str) -> None:
         self.calls.append("base")
 
+    def enforced_container_ids(self, table: str) -> set[str]:
+        return {cid for cid, kind in self.enforced.items() if kind == "proxy"}
+
     def record_routes(self, *, netns_path: str) -> list[dict[str, Any]]:
         return [{"dst": "default", "gateway": "192.0.2.1"}]
 
@@ -68,6 +71,9 @@ class FakeRelay:
 
     async def remove_listener(self, container_id: str) -> None:
         self.listeners.pop(container_id, None)
+
+    async def listener_ids(self) -> set[str]:
+        return set(self.listeners)
 
     async def probe(self, spec: ProxySpec, *, timeout: float) -> dict[str, Any]:
         return {

@@ -455,3 +455,50 @@ def test_live_status_follows_upstream_health(api: Api) -> None:
     api.relay.reachable = True
     data = status_becomes("running")
     assert data["status_reason"] is None
+
+
+def test_namespace_lost_is_an_error_and_recovers(api: Api) -> None:
+    import time
+
+    from egressd.errors import RuntimeLookupError
+
+    present = {"yes": True}
+
+    def resolve(runtime: str, ref: str) -> str:
+        if not present["yes"]:
+            raise RuntimeLookupError(f"network namespace '{ref}' not found")
+        return f"/run/netns/{ref}"
+
+    agent_resolve = api.agent.resolve
+    api.agent.resolve = resolve
+    try:
+        cid = api.container()
+        base = f"/api/v1/containers/{cid}/network"
+        h = api.h(api.alice)
+        api.client.patch(base, json={"type": "block"}, headers=h)
+        assert api.client.post(base + "/start", headers=h).status_code == 200
+        present["yes"] = False
+        api.agent.reconcile_all()
+        data = api.client.get(base, headers=h).json()["data"]
+        assert data["status"] == "error" and "not found" in data["status_reason"]
+        present["yes"] = True
+        api.agent.reconcile_all(only_pending=True)  # failed applies are pending
+        deadline = time.monotonic() + 3
+        while api.client.get(base, headers=h).json()["data"]["status"] != "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        api.agent.resolve = agent_resolve
+
+
+def test_garbage_collection_removes_orphans(api: Api) -> None:
+    orphan = "f" * 24
+    api.dataplane.enforced[orphan] = "proxy"
+    api.relay.listeners[orphan] = None  # type: ignore[assignment]
+    cid = api.container()
+    base = f"/api/v1/containers/{cid}/network"
+    api.client.patch(base, json=GOOD, headers=api.h(api.alice))
+    api.client.post(base + "/start", headers=api.h(api.alice))
+    api.agent.collect_garbage()
+    assert orphan not in api.dataplane.enforced and orphan not in api.relay.listeners
+    assert api.dataplane.enforced[cid] == "proxy" and cid in api.relay.listeners

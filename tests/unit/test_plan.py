@@ -87,3 +87,21 @@ def test_delete_tears_down_then_forgets() -> None:
     )
     assert plan(v, netns_path=None).steps == (Step.TEARDOWN, Step.FORGET)
     assert plan(view(DesiredState.ABSENT), netns_path=None).steps == (Step.FORGET,)
+
+
+def test_namespace_gone_removes_host_leftovers_and_reports() -> None:
+    v = view(
+        DesiredState.RUNNING,
+        applied={"type": "socks5", "netns_path": "/gone"},
+        status=Status.RUNNING,
+    )
+    p = plan(v, netns_path=None, applied_netns_exists=False)
+    assert p.steps == (Step.TEARDOWN, Step.RECORD_LOST)
+
+
+def test_runtime_hiccup_keeps_the_walls() -> None:
+    v = view(
+        DesiredState.RUNNING, applied={"type": "socks5", "netns_path": "/x"}, status=Status.RUNNING
+    )
+    assert plan(v, netns_path=None, applied_netns_exists=True).steps == (Step.RECORD_LOST,)
+    assert plan(view(DesiredState.RUNNING), netns_path=None).steps == (Step.RECORD_LOST,)

@@ -19,6 +19,9 @@ class KernelDataplane:
     def ensure_host_base(self, table: str) -> None:
         dataplane.ensure_host_base(table)
 
+    def enforced_container_ids(self, table: str) -> set[str]:
+        return dataplane.list_host_containers(table)
+
     def record_routes(self, *, netns_path: str) -> list[dict[str, Any]]:
         return [r.to_dict() for r in dataplane.record_default_routes(netns_path=netns_path)]
 
@@ -82,6 +85,9 @@ class RelayAdapter:
 
     async def remove_listener(self, container_id: str) -> None:
         await self.relay.remove_listener(container_id)
+
+    async def listener_ids(self) -> set[str]:
+        return set(self.relay.listener_addresses())
 
     async def probe(self, spec: ProxySpec, *, timeout: float) -> dict[str, Any]:
         result = await probe_upstream(spec, timeout=timeout, ssl_context=self.ssl_context)

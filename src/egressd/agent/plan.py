@@ -24,6 +24,7 @@ class Step(enum.Enum):
     PROBE_UPSTREAM = "probe_upstream"
     FORGET = "forget"  # drop the configuration from the store (DELETE finished)
     RECORD_IDLE = "record_idle"  # acknowledge a configured/stopped state
+    RECORD_LOST = "record_lost"  # the container's namespace cannot be found: error
 
 
 @dataclass(frozen=True)
@@ -38,11 +39,16 @@ def applied_type(applied: dict[str, Any] | None) -> NetworkType | None:
     return NetworkType(applied["type"])
 
 
-def plan(view: NetworkView, *, netns_path: str | None) -> Plan:
+def plan(view: NetworkView, *, netns_path: str | None, applied_netns_exists: bool = True) -> Plan:
     """Steps that bring the kernel and relay to ``view.desired``.
 
     ``netns_path`` is where the container's namespace is now (None when it
     cannot be found); a change of namespace means tearing down the old.
+    ``applied_netns_exists`` says whether the namespace we enforced on is
+    still there: when the runtime cannot find the container but that
+    namespace still exists (a runtime API hiccup), nothing is torn down —
+    the walls stay and traffic fails closed. When it is gone, the host-side
+    leftovers are removed.
     """
     desired = view.desired
     applied = view.observed.applied if view.observed else None
@@ -65,6 +71,9 @@ def plan(view: NetworkView, *, netns_path: str | None) -> Plan:
         return Plan(tuple(steps), generation)
 
     assert desired is not None
+    if netns_path is None:
+        gone = have is not None and not applied_netns_exists
+        return Plan((Step.TEARDOWN, Step.RECORD_LOST) if gone else (Step.RECORD_LOST,), generation)
     want = desired.config.type
     steps = []
     moved = applied is not None and applied.get("netns_path") not in (None, netns_path)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -38,6 +39,7 @@ T = TypeVar("T")
 class Dataplane(Protocol):
     def ensure_host_base(self, table: str) -> None: ...
     def record_routes(self, *, netns_path: str) -> list[dict[str, Any]]: ...
+    def enforced_container_ids(self, table: str) -> set[str]: ...
     def apply_proxy(
         self,
         *,
@@ -64,6 +66,7 @@ class RelayPort(Protocol):
         self, *, container_id: str, listen_ip: str, port: int, upstream: ProxySpec
     ) -> None: ...
     async def remove_listener(self, container_id: str) -> None: ...
+    async def listener_ids(self) -> set[str]: ...
     async def probe(self, spec: ProxySpec, *, timeout: float) -> dict[str, Any]: ...
 
 
@@ -140,6 +143,7 @@ class Agent:
                 if now >= next_resync:
                     # Level-triggered safety net: every container, changed or not.
                     self.reconcile_all(only_pending=False)
+                    self.collect_garbage()
                     next_resync = time.monotonic() + self.settings.resync_interval
                 else:
                     self.reconcile_all(only_pending=True)
@@ -150,6 +154,39 @@ class Agent:
                 log.exception("reconcile pass failed")
             wait = min(next_resync, next_probe) - time.monotonic()
             self.wakeups.wait_for_work(max(wait, 0.0))
+
+    # -- garbage collection ----------------------------------------------------------
+
+    def collect_garbage(self) -> None:
+        """Remove host-side kernel objects and listeners that no container here owns.
+
+        "Owned" means: a container of this node whose observed record says we
+        applied a proxy enforcement. Everything else carrying our tag in the
+        host table (chains ``c-<id>-*``, the bridge and veth of that id) or
+        listening in the relay is a leftover (a crash between apply and
+        record, a container deleted while the agent was down) and goes.
+        Containers' own walls are inside their namespaces and are undone by
+        their own teardown.
+        """
+        owned = {
+            v.container.id
+            for v in self.store.list_networks(node=self.settings.node)
+            if v.observed is not None
+            and (kind := applied_type(v.observed.applied)) is not None
+            and kind.is_proxy
+        }
+        table = self.settings.nft_table
+        for cid in sorted(self.dataplane.enforced_container_ids(table) - owned):
+            log.warning("container %s: removing orphaned host rules, bridge and veth", cid)
+            try:
+                self.dataplane.remove(
+                    container_id=cid, netns_path=None, allocation=None, saved_routes=[], table=table
+                )
+            except EgressdError as exc:
+                log.warning("container %s: garbage collection failed: %s", cid, exc)
+        for cid in sorted(self._on_loop(self.relay.listener_ids()) - owned):
+            log.warning("container %s: closing orphaned relay listener", cid)
+            self._on_loop(self.relay.remove_listener(cid))
 
     # -- health --------------------------------------------------------------------
 
@@ -231,7 +268,13 @@ class Agent:
             netns_path = self.resolve(view.container.runtime, view.container.ref)
         except EgressdError as exc:
             netns_path, lookup_error = None, str(exc)
-        p = plan(view, netns_path=netns_path)
+        applied = view.observed.applied if view.observed else None
+        applied_path = applied.get("netns_path") if applied else None
+        p = plan(
+            view,
+            netns_path=netns_path,
+            applied_netns_exists=bool(applied_path) and os.path.exists(str(applied_path)),
+        )
         pass_ = _Pass(view=view, generation=p.generation, netns_path=netns_path)
         try:
             for step in p.steps:
@@ -251,6 +294,11 @@ class Agent:
         elif step is Step.FORGET:
             self.store.forget_network(cid, generation=p.generation)
             log.info("container %s: configuration removed", cid)
+        elif step is Step.RECORD_LOST:
+            reason = lookup_error or "network namespace not found"
+            if p.applied is None:
+                log.warning("container %s: %s; host-side leftovers removed", cid, reason)
+            self._record(p, Status.ERROR, reason, p.applied is not None)
         elif step is Step.RECORD_IDLE:
             assert desired is not None
             self._record(p, Status(desired.desired_state.value), None, False)
