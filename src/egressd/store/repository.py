@@ -119,6 +119,54 @@ def _config_from_row(row: NetworkConfigRow) -> NetworkConfig:
     )
 
 
+def _container_view_of(row: Container, owner: str | None) -> ContainerView:
+    return ContainerView(
+        id=row.id,
+        name=row.name,
+        owner=owner,
+        owner_id=row.owner_id,
+        runtime=row.runtime,
+        ref=row.ref,
+        node=row.node,
+        created_at=row.created_at,
+    )
+
+
+def _assemble(
+    container: ContainerView,
+    cfg: NetworkConfigRow | None,
+    alloc: AllocationRow | None,
+    st: NetworkStatusRow | None,
+) -> NetworkView:
+    desired = None
+    if cfg is not None:
+        desired = DesiredView(
+            config=_config_from_row(cfg),
+            desired_state=DesiredState(cfg.desired_state),
+            generation=cfg.generation,
+            configured_at=cfg.configured_at,
+        )
+    allocation = None
+    if alloc is not None:
+        allocation = Allocation(
+            subnet=ipaddress.IPv4Network(alloc.subnet),
+            bridge_name=alloc.bridge_name,
+            port=alloc.port,
+        )
+    observed = None
+    if st is not None:
+        observed = ObservedView(
+            status=Status(st.status),
+            reason=st.reason,
+            is_running=st.is_running,
+            observed_generation=st.observed_generation,
+            last_check=st.last_check,
+            applied=st.applied,
+            upstream=st.upstream,
+        )
+    return NetworkView(container, desired, allocation, observed)
+
+
 class Store:
     def __init__(self, engine: Engine, *, node: str) -> None:
         self.engine = engine
@@ -180,16 +228,7 @@ class Store:
 
     def _container_view(self, s: Session, row: Container) -> ContainerView:
         owner = s.get(Principal, row.owner_id) if row.owner_id is not None else None
-        return ContainerView(
-            id=row.id,
-            name=row.name,
-            owner=owner.name if owner else None,
-            owner_id=row.owner_id,
-            runtime=row.runtime,
-            ref=row.ref,
-            node=row.node,
-            created_at=row.created_at,
-        )
+        return _container_view_of(row, owner.name if owner else None)
 
     def create_container(
         self,
@@ -249,36 +288,12 @@ class Store:
     # -- network configuration (desired) ---------------------------------------
 
     def _network_view(self, s: Session, container: Container) -> NetworkView:
-        cfg = s.get(NetworkConfigRow, container.id)
-        alloc = s.get(AllocationRow, container.id)
-        st = s.get(NetworkStatusRow, container.id)
-        desired = None
-        if cfg is not None:
-            desired = DesiredView(
-                config=_config_from_row(cfg),
-                desired_state=DesiredState(cfg.desired_state),
-                generation=cfg.generation,
-                configured_at=cfg.configured_at,
-            )
-        allocation = None
-        if alloc is not None:
-            allocation = Allocation(
-                subnet=ipaddress.IPv4Network(alloc.subnet),
-                bridge_name=alloc.bridge_name,
-                port=alloc.port,
-            )
-        observed = None
-        if st is not None:
-            observed = ObservedView(
-                status=Status(st.status),
-                reason=st.reason,
-                is_running=st.is_running,
-                observed_generation=st.observed_generation,
-                last_check=st.last_check,
-                applied=st.applied,
-                upstream=st.upstream,
-            )
-        return NetworkView(self._container_view(s, container), desired, allocation, observed)
+        return _assemble(
+            self._container_view(s, container),
+            s.get(NetworkConfigRow, container.id),
+            s.get(AllocationRow, container.id),
+            s.get(NetworkStatusRow, container.id),
+        )
 
     def get_network(self, container_id: str) -> NetworkView:
         with self._tx() as s:
@@ -288,18 +303,29 @@ class Store:
             return self._network_view(s, row)
 
     def list_networks(self, *, node: str) -> list[NetworkView]:
-        """Every container of ``node`` that has a configuration or leftovers to undo."""
+        """Every container of ``node`` that has a configuration or leftovers to undo.
+
+        One query (outer joins), not one per container: the agent calls this
+        on every wake-up, with hundreds of containers per node.
+        """
         with self._tx() as s:
             q = (
-                select(Container)
+                select(Container, NetworkConfigRow, AllocationRow, NetworkStatusRow, Principal.name)
+                .outerjoin(NetworkConfigRow, NetworkConfigRow.container_id == Container.id)
+                .outerjoin(AllocationRow, AllocationRow.container_id == Container.id)
+                .outerjoin(NetworkStatusRow, NetworkStatusRow.container_id == Container.id)
+                .outerjoin(Principal, Principal.id == Container.owner_id)
                 .where(Container.node == node)
                 .where(
-                    Container.id.in_(select(NetworkConfigRow.container_id))
-                    | Container.id.in_(select(NetworkStatusRow.container_id))
+                    (NetworkConfigRow.container_id.is_not(None))
+                    | (NetworkStatusRow.container_id.is_not(None))
                 )
                 .order_by(Container.id)
             )
-            return [self._network_view(s, row) for row in s.scalars(q)]
+            return [
+                _assemble(_container_view_of(container, owner), cfg, alloc, st)
+                for container, cfg, alloc, st, owner in s.execute(q)
+            ]
 
     def put_config(
         self,
