@@ -22,6 +22,23 @@ class FakeDataplane:
     def ensure_host_base(self, table: str) -> None:
         self.calls.append("base")
 
+    def begin_pass(self, table: str) -> None:
+        self.calls.append("begin")
+
+    def end_pass(self) -> None:
+        self.calls.append("end")
+
+    def is_enforced(
+        self,
+        *,
+        kind: str,
+        container_id: str,
+        netns_path: str,
+        allocation: Allocation | None,
+        table: str,
+    ) -> bool:
+        return self.enforced.get(container_id) == kind
+
     def enforced_container_ids(self, table: str) -> set[str]:
         return {cid for cid, kind in self.enforced.items() if kind == "proxy"}
 

@@ -502,3 +502,19 @@ def test_garbage_collection_removes_orphans(api: Api) -> None:
     api.agent.collect_garbage()
     assert orphan not in api.dataplane.enforced and orphan not in api.relay.listeners
     assert api.dataplane.enforced[cid] == "proxy" and cid in api.relay.listeners
+
+
+def test_resync_adopts_what_is_in_place_and_repairs_drift(api: Api) -> None:
+    cid = api.container()
+    base = f"/api/v1/containers/{cid}/network"
+    api.client.patch(base, json=GOOD, headers=api.h(api.alice))
+    api.client.post(base + "/start", headers=api.h(api.alice))
+    applies = api.dataplane.calls.count(f"proxy {cid}")
+    status_before = api.store.get_network(cid).observed
+    api.agent.reconcile_all()  # a full resync with everything in place
+    assert api.dataplane.calls.count(f"proxy {cid}") == applies
+    assert api.store.get_network(cid).observed == status_before  # no flapping, no writes
+    del api.dataplane.enforced[cid]  # drift: somebody removed it
+    api.agent.reconcile_all()
+    assert api.dataplane.calls.count(f"proxy {cid}") == applies + 1
+    assert api.dataplane.enforced[cid] == "proxy"

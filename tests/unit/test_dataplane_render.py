@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from egressd.dataplane import SavedNextHop, SavedRoute, WallKind
 from egressd.dataplane.names import validate_netns_path
 from egressd.dataplane.nft_render import (
     HostTableState,
+    host_rules_fingerprint,
     parse_host_table,
     parse_wall,
     render_container_host_removal,
@@ -62,7 +64,7 @@ add rule inet egressd c-0123456789abcdef01234567-in \
 ip daddr 10.20.0.10 tcp dport 41000 ct status dnat accept
 add rule inet egressd c-0123456789abcdef01234567-in \
 ip daddr 10.20.0.10 meta l4proto { tcp, udp } th dport 53 accept
-add rule inet egressd c-0123456789abcdef01234567-in drop
+add rule inet egressd c-0123456789abcdef01234567-in drop comment "egressd:5b1319adf49e0476"
 add element inet egressd bridges { "br-0123456789ab" }
 add element inet egressd nat_pre { "br-0123456789ab" : jump c-0123456789abcdef01234567-pre }
 add element inet egressd filter_in { "br-0123456789ab" : jump c-0123456789abcdef01234567-in }
@@ -78,7 +80,7 @@ table inet egressd {
 \t}
 \tchain output {
 \t\ttype filter hook output priority filter; policy drop;
-\t\toifname "lo" accept
+\t\toifname "lo" accept comment "egressd:cd972d972e7a824f"
 \t\tct direction reply accept
 \t\tmeta nfproto ipv4 oifname "egress0" meta l4proto tcp accept
 \t\tmeta nfproto ipv4 oifname "egress0" udp dport 53 accept
@@ -92,7 +94,7 @@ delete table inet egressd
 table inet egressd {
 \tchain output {
 \t\ttype filter hook output priority filter; policy drop;
-\t\toifname "lo" accept
+\t\toifname "lo" accept comment "egressd:aca483db75b9e2d3"
 \t}
 }
 """
@@ -173,6 +175,20 @@ def _listing(*containers: tuple[str, str, int], extra_bridges: tuple[str, ...] =
                 }
             }
         )
+        subnet = ipaddress.IPv4Network(f"{ipaddress.IPv4Address(listener) - 2}/29")
+        alloc = Allocation(subnet=subnet, bridge_name=bridge_name_for(cid), port=port)
+        items.append(
+            {
+                "rule": {
+                    "family": "inet",
+                    "table": "egressd",
+                    "chain": f"c-{cid}-in",
+                    "handle": 7,
+                    "comment": host_rules_fingerprint("egressd", cid, alloc),
+                    "expr": [{"drop": None}],
+                }
+            }
+        )
     return json.loads(json.dumps({"nftables": items}))  # fmt: skip
 
 
@@ -236,9 +252,9 @@ def test_parse_host_table_finds_containers() -> None:
     state = parse_host_table(_listing((CID, "10.20.0.10", 41000), (OTHER, "10.20.0.18", 41001)))
     assert state.container_ids() == {CID, OTHER}
     assert state.bridges_of(CID) == {bridge_name_for(CID)}
-    assert state.has_container(CID, ALLOC)
+    assert state.has_container(CID, ALLOC, "egressd")
     moved = Allocation(subnet=ALLOC.subnet, bridge_name=ALLOC.bridge_name, port=41002)
-    assert not state.has_container(CID, moved)
+    assert not state.has_container(CID, moved, "egressd")
 
 
 def test_parse_empty_table() -> None:
@@ -289,7 +305,13 @@ def _wall_listing(rules: list[list[dict[str, Any]]], policy: str = "drop") -> di
         {"chain": {"family": "inet", "table": "egressd", "name": "output", "handle": 1,
                    "type": "filter", "hook": "output", "prio": 0, "policy": policy}},
     ]  # fmt: skip
-    items += [{"rule": {"chain": "output", "expr": expr}} for expr in rules]
+    kind = WallKind.PROXY if EGRESS in rules else WallKind.BLOCK
+    tag = re.search(r'comment "([^"]+)"', render_wall("egressd", kind))
+    assert tag is not None
+    items += [
+        {"rule": {"chain": "output", "expr": expr, **({"comment": tag[1]} if expr is LO else {})}}
+        for expr in rules
+    ]
     return {"nftables": items}
 
 
@@ -306,6 +328,10 @@ EGRESS = [
 
 def test_parse_wall() -> None:
     assert parse_wall(None) is None
+    untagged = _wall_listing([LO])
+    for item in untagged["nftables"]:
+        item.get("rule", {}).pop("comment", None)
+    assert parse_wall(untagged) is None  # not ours as this version renders it: re-apply
     assert parse_wall(_wall_listing([LO, EGRESS])) is WallKind.PROXY
     assert parse_wall(_wall_listing([LO])) is WallKind.BLOCK
     assert parse_wall(_wall_listing([LO], policy="accept")) is None

@@ -16,6 +16,35 @@ from egressd.relay import Relay, probe_upstream
 
 
 class KernelDataplane:
+    """Not thread-safe: used by the one reconciler thread."""
+
+    def __init__(self) -> None:
+        self._host_state: dataplane.HostTableState | None = None
+
+    def begin_pass(self, table: str) -> None:
+        self._host_state = dataplane.read_host_table(table)
+
+    def end_pass(self) -> None:
+        self._host_state = None
+
+    def is_enforced(
+        self,
+        *,
+        kind: str,
+        container_id: str,
+        netns_path: str,
+        allocation: Allocation | None,
+        table: str,
+    ) -> bool:
+        seen = dataplane.inspect_container(
+            container_id=container_id,
+            netns_path=netns_path,
+            allocation=allocation,
+            table=table,
+            host_state=self._host_state,
+        )
+        return seen.proxy_enforced if kind == "proxy" else seen.block_enforced
+
     def ensure_host_base(self, table: str) -> None:
         dataplane.ensure_host_base(table)
 

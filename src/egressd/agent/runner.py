@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from egressd.agent.plan import Step, applied_type, plan
-from egressd.errors import EgressdError, RuntimeLookupError
+from egressd.errors import EgressdError, NotFound, RuntimeLookupError
 from egressd.model import Allocation, DesiredState, ProxySpec, Status
 from egressd.runtimes import resolve_netns
 from egressd.settings import Settings
@@ -40,6 +40,17 @@ class Dataplane(Protocol):
     def ensure_host_base(self, table: str) -> None: ...
     def record_routes(self, *, netns_path: str) -> list[dict[str, Any]]: ...
     def enforced_container_ids(self, table: str) -> set[str]: ...
+    def is_enforced(
+        self,
+        *,
+        kind: str,
+        container_id: str,
+        netns_path: str,
+        allocation: Allocation | None,
+        table: str,
+    ) -> bool: ...
+    def begin_pass(self, table: str) -> None: ...
+    def end_pass(self) -> None: ...
     def apply_proxy(
         self,
         *,
@@ -246,15 +257,37 @@ class Agent:
 
     def reconcile_all(self, *, only_pending: bool = False) -> None:
         """Converge every container of this node (or only those with unapplied changes)."""
-        for view in self.store.list_networks(node=self.settings.node):
+        views = self.store.list_networks(node=self.settings.node)
+        if only_pending:
+            views = [v for v in views if _pending(v)]
+        if not views:
+            return
+        # One read of the host table for the whole pass, not one per container.
+        self.dataplane.begin_pass(self.settings.nft_table)
+        try:
+            self._reconcile_views(views, full=not only_pending)
+        finally:
+            self.dataplane.end_pass()
+
+    def _reconcile_views(self, views: list[NetworkView], *, full: bool) -> None:
+        for listed in views:
             if self._stopping.is_set():
                 return
-            if only_pending and not _pending(view):
-                continue
+            if full and self.wakeups.work_pending():
+                # A start/stop came in during a long resync: serve it first.
+                self.dataplane.end_pass()
+                self.wakeups.wait_for_work(0)  # consume the wake-up
+                self.reconcile_all(only_pending=True)
+                self.dataplane.begin_pass(self.settings.nft_table)
             try:
+                # Fresh: the API may have changed it since the list was read,
+                # and acting on a stale desired state could undo a newer one.
+                view = self.store.get_network(listed.container.id)
                 self.reconcile(view)
+            except NotFound:
+                continue  # deleted meanwhile
             except Exception:
-                log.exception("container %s: reconcile failed", view.container.id)
+                log.exception("container %s: reconcile failed", listed.container.id)
             self.wakeups.notify_observed()
 
     def _on_loop(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
@@ -306,30 +339,36 @@ class Agent:
             raise RuntimeLookupError(lookup_error or "network namespace not found")
         elif step is Step.APPLY_BLOCK:
             assert desired is not None
-            p.applied = {"type": desired.config.type.value, "netns_path": p.netns_path}
-            self._record(p, Status.CONFIGURED, None, False, generation=p.generation - 1)
-            self.dataplane.apply_block(container_id=cid, netns_path=p.netns_path, table=table)
-            self._record(p, Status.RUNNING, None, True)
-            log.info("container %s: block enforced", cid)
+            wanted: dict[str, Any] = {
+                "type": desired.config.type.value,
+                "netns_path": p.netns_path,
+            }
+            if not self._in_place(p, wanted, "block", None):
+                self._about_to_apply(p, wanted)
+                self.dataplane.apply_block(container_id=cid, netns_path=p.netns_path, table=table)
+                log.info("container %s: block enforced", cid)
+            if _pending(view) or p.view.observed is None or not p.view.observed.is_running:
+                self._record(p, Status.RUNNING, None, True)
         elif step is Step.APPLY_PROXY:
             assert desired is not None and view.allocation is not None
             saved = p.applied.get("saved_routes") if p.applied else None
             if saved is None:
                 # Stored before the routes are replaced: a crash cannot lose the originals.
                 saved = self.dataplane.record_routes(netns_path=p.netns_path)
-            p.applied = {
+            wanted = {
                 "type": desired.config.type.value,
                 "netns_path": p.netns_path,
                 "saved_routes": saved,
             }
-            self._record(p, Status.CONFIGURED, None, False, generation=p.generation - 1)
-            self.dataplane.apply_proxy(
-                container_id=cid,
-                netns_path=p.netns_path,
-                allocation=view.allocation,
-                saved_routes=saved,
-                table=table,
-            )
+            if not self._in_place(p, wanted, "proxy", view.allocation):
+                self._about_to_apply(p, wanted)
+                self.dataplane.apply_proxy(
+                    container_id=cid,
+                    netns_path=p.netns_path,
+                    allocation=view.allocation,
+                    saved_routes=saved,
+                    table=table,
+                )
         elif step is Step.OPEN_LISTENER:
             assert desired is not None and desired.config.proxy and view.allocation
             self._on_loop(
@@ -342,6 +381,8 @@ class Agent:
             )
         elif step is Step.PROBE_UPSTREAM:
             assert desired is not None and desired.config.proxy
+            if not _pending(view):
+                return  # steady state: the periodic probe round keeps health current
             p.upstream = self._on_loop(
                 self.relay.probe(desired.config.proxy, timeout=self.settings.upstream_timeout)
             )
@@ -353,6 +394,31 @@ class Agent:
             else:
                 reason = f"upstream proxy check failed: {p.upstream.get('last_error')}"
                 self._record(p, Status.ERROR, reason, True)
+
+    def _in_place(
+        self, p: _Pass, wanted: dict[str, Any], kind: str, allocation: Allocation | None
+    ) -> bool:
+        """Adopt instead of re-applying when the kernel already holds exactly this."""
+        if p.applied is None or p.applied.get("type") is None or p.netns_path is None:
+            return False
+        if {k: p.applied.get(k) for k in wanted} != wanted:
+            return False
+        if self.dataplane.is_enforced(
+            kind=kind,
+            container_id=p.view.container.id,
+            netns_path=p.netns_path,
+            allocation=allocation,
+            table=self.settings.nft_table,
+        ):
+            return True
+        log.warning("container %s: enforcement drifted; re-applying", p.view.container.id)
+        return False
+
+    def _about_to_apply(self, p: _Pass, wanted: dict[str, Any]) -> None:
+        """Record what we are about to put in the kernel before touching it."""
+        if p.applied != wanted:
+            p.applied = dict(wanted)
+            self._record(p, Status.CONFIGURED, None, False, generation=p.generation - 1)
 
     def _teardown(
         self, cid: str, applied: dict[str, Any] | None, allocation: Allocation | None

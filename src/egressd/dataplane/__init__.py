@@ -17,6 +17,7 @@ from egressd.dataplane.enforcement import (
     apply_proxy_enforcement,
     ensure_host_base,
     list_host_containers,
+    read_host_table,
     record_default_routes,
     remove_enforcement,
     remove_host_base,
@@ -24,7 +25,7 @@ from egressd.dataplane.enforcement import (
 from egressd.dataplane.names import CONTAINER_IFNAME, DEFAULT_TABLE
 from egressd.dataplane.netns import NetnsGone, netns_exists
 from egressd.dataplane.nft_apply import nft_available
-from egressd.dataplane.nft_render import WallKind
+from egressd.dataplane.nft_render import HostTableState, WallKind
 from egressd.dataplane.observe import ContainerObservation, inspect_container
 from egressd.dataplane.routes import SavedNextHop, SavedRoute
 
@@ -32,6 +33,7 @@ __all__ = [
     "CONTAINER_IFNAME",
     "DEFAULT_TABLE",
     "ContainerObservation",
+    "HostTableState",
     "NetnsGone",
     "SavedNextHop",
     "SavedRoute",
@@ -43,6 +45,7 @@ __all__ = [
     "list_host_containers",
     "netns_exists",
     "nft_available",
+    "read_host_table",
     "record_default_routes",
     "remove_enforcement",
     "remove_host_base",

@@ -28,6 +28,7 @@ any earlier state in one commit.
 from __future__ import annotations
 
 import enum
+import hashlib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -86,14 +87,17 @@ def render_host_base_removal(table: str) -> str:
     return _lines(f"add table {t}", f"delete table {t}")
 
 
-def render_container_host_rules(table: str, container_id: str, allocation: Allocation) -> str:
-    """The container's chains and map elements (the host base is ensured too).
+def _fingerprint(lines: Iterable[str]) -> str:
+    """A tag for a ruleset's content, stored as a rule comment.
 
-    DNS (udp and tcp port 53, to any address) is DNATed to the relay's DNS
-    listener on the same address, port 53; every other TCP connection to the
-    relay listener. At input only those are accepted; everything else from
-    the bridge is dropped (v4, v6, every protocol).
+    Inspection compares it with the tag of what this version would render,
+    so adoption keeps rules that are exactly ours and re-applies anything
+    else (drift, or rules written by an older egressd).
     """
+    return "egressd:" + hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+
+
+def _container_rule_lines(table: str, container_id: str, allocation: Allocation) -> list[str]:
     t = f"inet {validate_table(table)}"
     validate_allocation(allocation)
     pre, inp = chain_names(container_id)
@@ -101,7 +105,7 @@ def render_container_host_rules(table: str, container_id: str, allocation: Alloc
     listener = allocation.listener_ip
     port = allocation.port
     dns = DNS_PORT
-    return render_host_base(table) + _lines(
+    return [
         f"add chain {t} {pre}",
         f"flush chain {t} {pre}",
         f"add rule {t} {pre} meta nfproto ipv4 udp dport {dns} dnat ip to {listener}:{dns}",
@@ -111,11 +115,30 @@ def render_container_host_rules(table: str, container_id: str, allocation: Alloc
         f"flush chain {t} {inp}",
         f"add rule {t} {inp} ip daddr {listener} tcp dport {port} ct status dnat accept",
         f"add rule {t} {inp} ip daddr {listener} meta l4proto {{ tcp, udp }} th dport {dns} accept",
-        f"add rule {t} {inp} drop",
         f'add element {t} {BRIDGES_SET} {{ "{bridge}" }}',
         f'add element {t} {NAT_PRE_MAP} {{ "{bridge}" : jump {pre} }}',
         f'add element {t} {FILTER_IN_MAP} {{ "{bridge}" : jump {inp} }}',
-    )
+    ]
+
+
+def host_rules_fingerprint(table: str, container_id: str, allocation: Allocation) -> str:
+    return _fingerprint(_container_rule_lines(table, container_id, allocation))
+
+
+def render_container_host_rules(table: str, container_id: str, allocation: Allocation) -> str:
+    """The container's chains and map elements (the host base is ensured too).
+
+    DNS (udp and tcp port 53, to any address) is DNATed to the relay's DNS
+    listener on the same address, port 53; every other TCP connection to the
+    relay listener. At input only those are accepted; everything else from
+    the bridge is dropped (v4, v6, every protocol). The final drop carries
+    the ruleset's fingerprint.
+    """
+    lines = _container_rule_lines(table, container_id, allocation)
+    t = f"inet {validate_table(table)}"
+    _, inp = chain_names(container_id)
+    drop = f'add rule {t} {inp} drop comment "{_fingerprint(lines)}"'
+    return render_host_base(table) + _lines(*lines[:9], drop, *lines[9:])
 
 
 @dataclass(frozen=True)
@@ -128,6 +151,8 @@ class HostTableState:
     maps: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     # chain -> "addr:port" of its dnat rule
     dnat_targets: Mapping[str, str] = field(default_factory=dict)
+    # chain -> comments of its rules (fingerprints)
+    comments: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
     def container_ids(self) -> set[str]:
         return {m.group(1) for c in self.chains if (m := CONTAINER_CHAIN_RE.match(c))}
@@ -142,12 +167,14 @@ class HostTableState:
             if target in ours
         }
 
-    def has_container(self, container_id: str, allocation: Allocation) -> bool:
-        """The container's chains and elements are all there, DNAT to its listener."""
+    def has_container(self, container_id: str, allocation: Allocation, table: str) -> bool:
+        """The container's chains and elements are all there, exactly as this version renders."""
         pre, inp = chain_names(container_id)
         bridge = allocation.bridge_name
+        expected = host_rules_fingerprint(table, container_id, allocation)
         return (
-            self.dnat_targets.get(pre) == f"{allocation.listener_ip}:{allocation.port}"
+            expected in self.comments.get(inp, frozenset())
+            and self.dnat_targets.get(pre) == f"{allocation.listener_ip}:{allocation.port}"
             and pre in self.chains
             and inp in self.chains
             and bridge in self.bridges
@@ -170,8 +197,12 @@ def parse_host_table(listing: Mapping[str, Any]) -> HostTableState:
     bridges: set[str] = set()
     maps: dict[str, dict[str, str]] = {}
     dnat_targets: dict[str, str] = {}
+    comments: dict[str, set[str]] = {}
     for item in listing.get("nftables", []):
         if "rule" in item:
+            if item["rule"].get("comment"):
+                chain_comments = comments.setdefault(str(item["rule"]["chain"]), set())
+                chain_comments.add(str(item["rule"]["comment"]))
             for expr in item["rule"].get("expr", []):
                 if isinstance(expr, dict) and "dnat" in expr:
                     dnat = expr["dnat"]
@@ -194,6 +225,7 @@ def parse_host_table(listing: Mapping[str, Any]) -> HostTableState:
         bridges=frozenset(bridges),
         maps=maps,
         dnat_targets=dnat_targets,
+        comments={chain: frozenset(c) for chain, c in comments.items()},
     )
 
 
@@ -252,7 +284,19 @@ def render_wall(table: str, kind: WallKind) -> str:
     """
     name = validate_table(table)
     t = f"inet {name}"
+    body = _wall_body(kind)
+    fingerprint = _fingerprint(body)
     lines = [f"add table {t}", f"delete table {t}", f"table {t} {{"]
+    lines += [f'{line} comment "{fingerprint}"' if line == LO_ACCEPT else line for line in body]
+    lines.append("}")
+    return _lines(*lines)
+
+
+LO_ACCEPT = '\t\toifname "lo" accept'
+
+
+def _wall_body(kind: WallKind) -> list[str]:
+    lines: list[str] = []
     if kind is WallKind.PROXY:
         lines += [
             "\tchain input {",
@@ -263,7 +307,7 @@ def render_wall(table: str, kind: WallKind) -> str:
     lines += [
         "\tchain output {",
         "\t\ttype filter hook output priority filter; policy drop;",
-        '\t\toifname "lo" accept',
+        LO_ACCEPT,
     ]
     if kind is WallKind.PROXY:
         lines += [
@@ -271,8 +315,8 @@ def render_wall(table: str, kind: WallKind) -> str:
             f'\t\tmeta nfproto ipv4 oifname "{CONTAINER_IFNAME}" meta l4proto tcp accept',
             f'\t\tmeta nfproto ipv4 oifname "{CONTAINER_IFNAME}" udp dport {DNS_PORT} accept',
         ]
-    lines += ["\t}", "}"]
-    return _lines(*lines)
+    lines.append("\t}")
+    return lines
 
 
 def render_wall_removal(table: str) -> str:
@@ -283,13 +327,17 @@ def parse_wall(listing: Mapping[str, Any] | None) -> WallKind | None:
     """Which wall a container table listing shows, or None if it is not ours.
 
     A wall is an ``output`` hook chain with policy drop; it is the proxy
-    wall when a rule accepts ``egress0``.
+    wall when a rule accepts ``egress0``. It is ours, as this version
+    renders it, only when a rule carries the matching fingerprint.
     """
     if listing is None:
         return None
     has_drop_hook = False
     accepts_egress = False
+    comments: set[str] = set()
     for item in listing.get("nftables", []):
+        if item.get("rule", {}).get("comment"):
+            comments.add(str(item["rule"]["comment"]))
         chain = item.get("chain")
         if chain and chain.get("hook") == "output" and chain.get("policy") == "drop":
             has_drop_hook = True
@@ -305,4 +353,5 @@ def parse_wall(listing: Mapping[str, Any] | None) -> WallKind | None:
                     accepts_egress = True
     if not has_drop_hook:
         return None
-    return WallKind.PROXY if accepts_egress else WallKind.BLOCK
+    kind = WallKind.PROXY if accepts_egress else WallKind.BLOCK
+    return kind if _fingerprint(_wall_body(kind)) in comments else None

@@ -22,7 +22,7 @@ from egressd.dataplane.names import (
 )
 from egressd.dataplane.netns import NetnsGone, iproute, netns_exists
 from egressd.dataplane.nft_apply import list_table
-from egressd.dataplane.nft_render import WallKind, parse_wall
+from egressd.dataplane.nft_render import HostTableState, WallKind, parse_wall
 from egressd.model import Allocation, bridge_name_for, host_veth_name_for
 
 
@@ -86,7 +86,13 @@ def inspect_container(
     netns_path: str | None,
     allocation: Allocation | None,
     table: str = DEFAULT_TABLE,
+    host_state: HostTableState | None = None,
 ) -> ContainerObservation:
+    """What is in the kernel for one container.
+
+    ``host_state`` is a host table read once for many containers (see
+    :func:`read_host_table`); without it the table is read here.
+    """
     validate_container_id(container_id)
     validate_table(table)
     if allocation is not None:
@@ -134,7 +140,7 @@ def inspect_container(
             and links.link_master(host_veth) == links.link_index(bridge)
         )
 
-    state = read_host_table(table)
+    state = host_state if host_state is not None else read_host_table(table)
     host_chains_present = any(chain in state.chains for chain in chain_names(container_id))
     bridge_ok = False
     if allocation is not None:
@@ -157,5 +163,6 @@ def inspect_container(
         host_veth_present=host_veth_present,
         host_veth_ok=host_veth_ok,
         host_chains_present=host_chains_present,
-        host_rules_ok=allocation is not None and state.has_container(container_id, allocation),
+        host_rules_ok=allocation is not None
+        and state.has_container(container_id, allocation, table),
     )
