@@ -24,6 +24,10 @@ class Wakeups:
     def notify_agent(self) -> None:
         self._work.set()
 
+    def work_pending(self) -> bool:
+        """Whether a wake-up arrived that ``wait_for_work`` has not consumed yet."""
+        return self._work.is_set()
+
     def wait_for_work(self, timeout: float) -> bool:
         woke = self._work.wait(timeout)
         self._work.clear()
