@@ -302,11 +302,14 @@ class Store:
                 raise NotFound("Container not found")
             return self._network_view(s, row)
 
-    def list_networks(self, *, node: str) -> list[NetworkView]:
+    def list_networks(self, *, node: str, only_pending: bool = False) -> list[NetworkView]:
         """Every container of ``node`` that has a configuration or leftovers to undo.
 
         One query (outer joins), not one per container: the agent calls this
         on every wake-up, with hundreds of containers per node.
+        ``only_pending``: just those the agent has not acted on yet (no
+        observed record, an older observed generation, a failed apply, or
+        leftovers of a removed configuration), filtered in SQL.
         """
         with self._tx() as s:
             q = (
@@ -322,6 +325,16 @@ class Store:
                 )
                 .order_by(Container.id)
             )
+            if only_pending:
+                q = q.where(
+                    NetworkConfigRow.container_id.is_(None)
+                    | NetworkStatusRow.container_id.is_(None)
+                    | (NetworkStatusRow.observed_generation != NetworkConfigRow.generation)
+                    | (
+                        (NetworkStatusRow.status == Status.ERROR.value)
+                        & NetworkStatusRow.is_running.is_(False)
+                    )
+                )
             return [
                 _assemble(_container_view_of(container, owner), cfg, alloc, st)
                 for container, cfg, alloc, st, owner in s.execute(q)

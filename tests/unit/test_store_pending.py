@@ -1,0 +1,41 @@
+"""The SQL filter for pending containers agrees with the agent's own rule."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+from egressd.agent.runner import _pending
+from egressd.daemon import open_store
+from egressd.model import DesiredState, NetworkConfig, NetworkType, Status
+from egressd.settings import Settings
+
+
+def test_only_pending_matches_the_agents_rule(tmp_path: Path) -> None:
+    store = open_store(Settings(data_dir=tmp_path))
+    pool = ipaddress.IPv4Network("10.20.0.0/24")
+    block = NetworkConfig(type=NetworkType.BLOCK, proxy=None)
+    ids = [store.create_container(container_id=None, name=None, owner=None, runtime="netns",
+                                  ref=f"n{i}").id for i in range(6)]  # fmt: skip
+    for cid in ids[:5]:
+        store.put_config(cid, block, pool=pool, prefix=29, port=1080)
+    # 0: never observed. 1: observed at its generation. 2: observed at an older one.
+    # 3: failed apply (error, not running). 4: error while running (upstream down).
+    # 5: no config but a status row left (removed configuration).
+    gen = {cid: store.set_desired_state(cid, DesiredState.RUNNING) for cid in ids[:5]}
+    for cid, status, running, generation in (
+        (ids[1], Status.RUNNING, True, gen[ids[1]]),
+        (ids[2], Status.RUNNING, True, gen[ids[2]] - 1),
+        (ids[3], Status.ERROR, False, gen[ids[3]]),
+        (ids[4], Status.ERROR, True, gen[ids[4]]),
+        (ids[5], Status.STOPPED, False, 0),
+    ):
+        store.record_observed(
+            cid, status=status, reason=None, is_running=running,
+            observed_generation=generation, applied=None,
+        )  # fmt: skip
+    everything = store.list_networks(node="local")
+    expected = sorted(v.container.id for v in everything if _pending(v))
+    got = sorted(v.container.id for v in store.list_networks(node="local", only_pending=True))
+    assert got == expected == sorted([ids[0], ids[2], ids[3], ids[5]])
+    store.engine.dispose()
