@@ -78,13 +78,21 @@ class FakeDataplane:
 class FakeRelay:
     def __init__(self) -> None:
         self.listeners: dict[str, ProxySpec] = {}
+        self.dns: dict[str, tuple[str, ...]] = {}
         self.reachable = True
         self.error = "connection refused"
 
     async def ensure_listener(
-        self, *, container_id: str, listen_ip: str, port: int, upstream: ProxySpec
+        self,
+        *,
+        container_id: str,
+        listen_ip: str,
+        port: int,
+        upstream: ProxySpec,
+        dns_servers: tuple[str, ...] = (),
     ) -> None:
         self.listeners[container_id] = upstream
+        self.dns[container_id] = dns_servers
 
     async def remove_listener(self, container_id: str) -> None:
         self.listeners.pop(container_id, None)

@@ -106,10 +106,20 @@ class RelayAdapter:
         self.ssl_context = ssl_context
 
     async def ensure_listener(
-        self, *, container_id: str, listen_ip: str, port: int, upstream: ProxySpec
+        self,
+        *,
+        container_id: str,
+        listen_ip: str,
+        port: int,
+        upstream: ProxySpec,
+        dns_servers: tuple[str, ...],
     ) -> None:
         await self.relay.ensure_listener(
-            container_id=container_id, listen_ip=listen_ip, port=port, upstream=upstream
+            container_id=container_id,
+            listen_ip=listen_ip,
+            port=port,
+            upstream=upstream,
+            dns_servers=dns_servers,
         )
 
     async def remove_listener(self, container_id: str) -> None:

@@ -74,7 +74,13 @@ class Dataplane(Protocol):
 
 class RelayPort(Protocol):
     async def ensure_listener(
-        self, *, container_id: str, listen_ip: str, port: int, upstream: ProxySpec
+        self,
+        *,
+        container_id: str,
+        listen_ip: str,
+        port: int,
+        upstream: ProxySpec,
+        dns_servers: tuple[str, ...],
     ) -> None: ...
     async def remove_listener(self, container_id: str) -> None: ...
     async def listener_ids(self) -> set[str]: ...
@@ -257,9 +263,7 @@ class Agent:
 
     def reconcile_all(self, *, only_pending: bool = False) -> None:
         """Converge every container of this node (or only those with unapplied changes)."""
-        views = self.store.list_networks(node=self.settings.node)
-        if only_pending:
-            views = [v for v in views if _pending(v)]
+        views = self.store.list_networks(node=self.settings.node, only_pending=only_pending)
         if not views:
             return
         # One read of the host table for the whole pass, not one per container.
@@ -377,6 +381,7 @@ class Agent:
                     listen_ip=str(view.allocation.listener_ip),
                     port=view.allocation.port,
                     upstream=desired.config.proxy,
+                    dns_servers=desired.config.dns_servers,
                 )
             )
         elif step is Step.PROBE_UPSTREAM:

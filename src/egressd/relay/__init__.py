@@ -1,10 +1,17 @@
 """The relay: transparent per-container TCP listeners that tunnel every
 connection through the container's upstream proxy (SOCKS5, HTTP CONNECT, or
-HTTP CONNECT over TLS), plus the upstream health probe.
+HTTP CONNECT over TLS), per-container DNS endpoints that ask the container's
+DNS servers through that same proxy, plus the upstream health probe.
 
 Package face: the private modules below are re-exported here.
 
     _relay          Relay: listeners, accept loops, one task per connection
+    _sockets        listening TCP sockets and UDP endpoints (FREEBIND, REUSEADDR)
+    _dns            per-container DNS endpoints: UDP protocol, TCP server
+    _dns_resolver   DnsResolver: cache, then servers in order through the upstream
+    _dns_pool       DNS-over-TCP framing; pool of idle tunnels per server
+    _dns_cache      DnsCache: TTL-respecting LRU of answers, sans-IO
+    _dns_wire       DNS wire format, sans-IO: parse, min TTL, SERVFAIL, truncation
     _original_dst   SO_ORIGINAL_DST reader (pure sockaddr parsing + getsockopt)
     _upstream       dial a proxy, TLS, drive a handshake -> Tunnel
     _socks5         SOCKS5 client handshake, sans-IO (RFC 1928, RFC 1929)
@@ -20,6 +27,7 @@ Package face: the private modules below are re-exported here.
 Concurrency model: single asyncio event loop; see ``_relay``.
 """
 
+from egressd.relay._dns_resolver import DnsOptions
 from egressd.relay._errors import UpstreamConnectRejected
 from egressd.relay._events import Authenticated, SendBytes, TunnelReady
 from egressd.relay._http_connect import HttpConnectHandshake
@@ -31,6 +39,7 @@ from egressd.relay._upstream import Tunnel, open_tunnel
 
 __all__ = [
     "Authenticated",
+    "DnsOptions",
     "HttpConnectHandshake",
     "ProbeResult",
     "Relay",
