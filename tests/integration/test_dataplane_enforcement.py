@@ -231,7 +231,7 @@ def test_proxy_apply_builds_exactly_the_topology(world: World) -> None:
 
     wall = sh("ip", "netns", "exec", world.ns, "nft", "list", "table", "inet", world.table)
     assert "policy drop;" in wall and 'oifname "egress0" meta l4proto tcp accept' in wall
-    assert 'oifname "egress0" udp dport 53 accept' in wall
+    assert f"ip daddr {a.listener_ip} meta l4proto {{ tcp, udp }} th dport 53 accept" in wall
     assert "ct direction reply accept" in wall and "established" not in wall
 
     seen = inspect_container(

@@ -52,19 +52,15 @@ add rule inet egressd forward oifname @bridges drop
 CONTAINER_RULES = """\
 add chain inet egressd c-0123456789abcdef01234567-pre
 flush chain inet egressd c-0123456789abcdef01234567-pre
-add rule inet egressd c-0123456789abcdef01234567-pre \
-meta nfproto ipv4 udp dport 53 dnat ip to 10.20.0.10:53
-add rule inet egressd c-0123456789abcdef01234567-pre \
-meta nfproto ipv4 tcp dport 53 dnat ip to 10.20.0.10:53
-add rule inet egressd c-0123456789abcdef01234567-pre \
-meta nfproto ipv4 meta l4proto tcp dnat ip to 10.20.0.10:41000
+add rule inet egressd c-0123456789abcdef01234567-pre meta nfproto ipv4 udp dport 53 dnat ip to 10.20.0.10:53
+add rule inet egressd c-0123456789abcdef01234567-pre meta nfproto ipv4 tcp dport 53 dnat ip to 10.20.0.10:53
+add rule inet egressd c-0123456789abcdef01234567-pre meta nfproto ipv4 meta l4proto tcp dnat ip to 10.20.0.10:41000
 add chain inet egressd c-0123456789abcdef01234567-in
 flush chain inet egressd c-0123456789abcdef01234567-in
-add rule inet egressd c-0123456789abcdef01234567-in \
-ip daddr 10.20.0.10 tcp dport 41000 ct status dnat accept
-add rule inet egressd c-0123456789abcdef01234567-in \
-ip daddr 10.20.0.10 meta l4proto { tcp, udp } th dport 53 accept
-add rule inet egressd c-0123456789abcdef01234567-in drop comment "egressd:5b1319adf49e0476"
+add rule inet egressd c-0123456789abcdef01234567-in ip saddr != 10.20.0.11 drop
+add rule inet egressd c-0123456789abcdef01234567-in ip daddr 10.20.0.10 tcp dport 41000 ct status dnat accept
+add rule inet egressd c-0123456789abcdef01234567-in ip daddr 10.20.0.10 meta l4proto { tcp, udp } th dport 53 accept
+add rule inet egressd c-0123456789abcdef01234567-in drop comment "egressd:ffd0ffa34b53c753"
 add element inet egressd bridges { "br-0123456789ab" }
 add element inet egressd nat_pre { "br-0123456789ab" : jump c-0123456789abcdef01234567-pre }
 add element inet egressd filter_in { "br-0123456789ab" : jump c-0123456789abcdef01234567-in }
@@ -74,16 +70,24 @@ PROXY_WALL = """\
 add table inet egressd
 delete table inet egressd
 table inet egressd {
+\tchain dns {
+\t\ttype nat hook output priority -100; policy accept;
+\t\tmeta nfproto ipv4 oifname != "lo" meta l4proto { tcp, udp } th dport 53 dnat ip to 10.20.0.10:53
+\t}
+\tchain dns_source {
+\t\ttype nat hook postrouting priority 100; policy accept;
+\t\toifname "egress0" ip daddr 10.20.0.10 ip saddr != 10.20.0.11 meta l4proto { tcp, udp } th dport 53 snat ip to 10.20.0.11
+\t}
 \tchain input {
 \t\ttype filter hook input priority filter; policy accept;
 \t\tmeta l4proto tcp ct state new tcp flags & (fin | syn | rst | ack) != syn drop
 \t}
 \tchain output {
 \t\ttype filter hook output priority filter; policy drop;
-\t\toifname "lo" accept comment "egressd:cd972d972e7a824f"
+\t\toifname "lo" accept comment "egressd:3cf74b980743f13b"
 \t\tct direction reply accept
 \t\tmeta nfproto ipv4 oifname "egress0" meta l4proto tcp accept
-\t\tmeta nfproto ipv4 oifname "egress0" udp dport 53 accept
+\t\tip daddr 10.20.0.10 meta l4proto { tcp, udp } th dport 53 accept
 \t}
 }
 """
@@ -242,7 +246,7 @@ def test_port_is_validated(port: int) -> None:
 
 
 def test_walls_are_exact() -> None:
-    assert render_wall("egressd", WallKind.PROXY) == PROXY_WALL
+    assert render_wall("egressd", WallKind.PROXY, allocation=ALLOC) == PROXY_WALL
     assert render_wall("egressd", WallKind.BLOCK) == BLOCK_WALL
     assert render_wall_removal("egressd") == "add table inet egressd\ndelete table inet egressd\n"
     assert render_host_base_removal("egressd") == render_wall_removal("egressd")
@@ -306,7 +310,7 @@ def _wall_listing(rules: list[list[dict[str, Any]]], policy: str = "drop") -> di
                    "type": "filter", "hook": "output", "prio": 0, "policy": policy}},
     ]  # fmt: skip
     kind = WallKind.PROXY if EGRESS in rules else WallKind.BLOCK
-    tag = re.search(r'comment "([^"]+)"', render_wall("egressd", kind))
+    tag = re.search(r'comment "([^"]+)"', render_wall("egressd", kind, allocation=ALLOC))
     assert tag is not None
     items += [
         {"rule": {"chain": "output", "expr": expr, **({"comment": tag[1]} if expr is LO else {})}}
@@ -332,7 +336,10 @@ def test_parse_wall() -> None:
     for item in untagged["nftables"]:
         item.get("rule", {}).pop("comment", None)
     assert parse_wall(untagged) is None  # not ours as this version renders it: re-apply
-    assert parse_wall(_wall_listing([LO, EGRESS])) is WallKind.PROXY
+    assert parse_wall(_wall_listing([LO, EGRESS]), allocation=ALLOC) is WallKind.PROXY
+    assert parse_wall(_wall_listing([LO, EGRESS])) is None  # cannot tell without the address
+    other = Allocation(subnet=ipaddress.IPv4Network("10.20.0.64/29"), bridge_name="br-x", port=1)
+    assert parse_wall(_wall_listing([LO, EGRESS]), allocation=other) is None
     assert parse_wall(_wall_listing([LO])) is WallKind.BLOCK
     assert parse_wall(_wall_listing([LO], policy="accept")) is None
 

@@ -137,7 +137,10 @@ def apply_proxy_enforcement(
         )
         links.set_up(ns, peer_index)
 
-        apply_script(render_wall(table, WallKind.PROXY), netns_path=netns_path)
+        apply_script(
+            render_wall(table, WallKind.PROXY, allocation=allocation),
+            netns_path=netns_path,
+        )
 
         if saved_routes is None:
             saved = routes.read_default_routes(ns, exclude_ifname=CONTAINER_IFNAME)

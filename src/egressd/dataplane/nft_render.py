@@ -113,6 +113,9 @@ def _container_rule_lines(table: str, container_id: str, allocation: Allocation)
         f"add rule {t} {pre} meta nfproto ipv4 meta l4proto tcp dnat ip to {listener}:{port}",
         f"add chain {t} {inp}",
         f"flush chain {t} {inp}",
+        # Only the container's own address: a spoofed source would make the
+        # relay answer towards wherever the host routes it.
+        f"add rule {t} {inp} ip saddr != {allocation.container_ip} drop",
         f"add rule {t} {inp} ip daddr {listener} tcp dport {port} ct status dnat accept",
         f"add rule {t} {inp} ip daddr {listener} meta l4proto {{ tcp, udp }} th dport {dns} accept",
         f'add element {t} {BRIDGES_SET} {{ "{bridge}" }}',
@@ -138,7 +141,7 @@ def render_container_host_rules(table: str, container_id: str, allocation: Alloc
     t = f"inet {validate_table(table)}"
     _, inp = chain_names(container_id)
     drop = f'add rule {t} {inp} drop comment "{_fingerprint(lines)}"'
-    return render_host_base(table) + _lines(*lines[:9], drop, *lines[9:])
+    return render_host_base(table) + _lines(*lines[:10], drop, *lines[10:])
 
 
 @dataclass(frozen=True)
@@ -267,8 +270,15 @@ def render_container_host_removal(
     return _lines(*lines)
 
 
-def render_wall(table: str, kind: WallKind) -> str:
+def render_wall(table: str, kind: WallKind, *, allocation: Allocation | None = None) -> str:
     """The container's own wall, replacing whatever table of that name was there.
+
+    Proxy wall: DNS (udp/tcp 53) to any address but loopback is DNATed
+    here, in the container, to the relay's DNS endpoint (the listener address), so a
+    resolver on a network the container reaches through another interface
+    is answered through the tunnel too, not refused. (TCP cannot be treated
+    so: the relay reads the original destination from the *host's*
+    conntrack, so it must be DNATed there.)
 
     ``ct direction reply`` lets answers to connections that came *in* leave;
     ``ct state established`` would also let connections the container opened
@@ -284,7 +294,7 @@ def render_wall(table: str, kind: WallKind) -> str:
     """
     name = validate_table(table)
     t = f"inet {name}"
-    body = _wall_body(kind)
+    body = _wall_body(kind, allocation)
     fingerprint = _fingerprint(body)
     lines = [f"add table {t}", f"delete table {t}", f"table {t} {{"]
     lines += [f'{line} comment "{fingerprint}"' if line == LO_ACCEPT else line for line in body]
@@ -295,9 +305,28 @@ def render_wall(table: str, kind: WallKind) -> str:
 LO_ACCEPT = '\t\toifname "lo" accept'
 
 
-def _wall_body(kind: WallKind) -> list[str]:
+def _wall_body(kind: WallKind, allocation: Allocation | None) -> list[str]:
     lines: list[str] = []
     if kind is WallKind.PROXY:
+        if allocation is None:
+            raise ValueError("a proxy wall needs the container's allocation")
+        dns_to = validate_allocation(allocation).listener_ip
+        source = allocation.container_ip
+        lines += [
+            "\tchain dns {",
+            "\t\ttype nat hook output priority -100; policy accept;",
+            '\t\tmeta nfproto ipv4 oifname != "lo" meta l4proto { tcp, udp }'
+            f" th dport {DNS_PORT} dnat ip to {dns_to}:{DNS_PORT}",
+            "\t}",
+            # A query first routed via another interface keeps that
+            # interface's source address; give it egress0's, or the answer
+            # could not come back.
+            "\tchain dns_source {",
+            "\t\ttype nat hook postrouting priority 100; policy accept;",
+            f'\t\toifname "{CONTAINER_IFNAME}" ip daddr {dns_to} ip saddr != {source}'
+            f" meta l4proto {{ tcp, udp }} th dport {DNS_PORT} snat ip to {source}",
+            "\t}",
+        ]
         lines += [
             "\tchain input {",
             "\t\ttype filter hook input priority filter; policy accept;",
@@ -313,7 +342,10 @@ def _wall_body(kind: WallKind) -> list[str]:
         lines += [
             "\t\tct direction reply accept",
             f'\t\tmeta nfproto ipv4 oifname "{CONTAINER_IFNAME}" meta l4proto tcp accept',
-            f'\t\tmeta nfproto ipv4 oifname "{CONTAINER_IFNAME}" udp dport {DNS_PORT} accept',
+            # After the DNAT above, oifname still names the interface routed
+            # to *before* it (the hook's state is not updated), so DNS is
+            # accepted by its new destination, which only egress0 reaches.
+            f"\t\tip daddr {dns_to} meta l4proto {{ tcp, udp }} th dport {DNS_PORT} accept",
         ]
     lines.append("\t}")
     return lines
@@ -323,7 +355,9 @@ def render_wall_removal(table: str) -> str:
     return render_host_base_removal(table)
 
 
-def parse_wall(listing: Mapping[str, Any] | None) -> WallKind | None:
+def parse_wall(
+    listing: Mapping[str, Any] | None, *, allocation: Allocation | None = None
+) -> WallKind | None:
     """Which wall a container table listing shows, or None if it is not ours.
 
     A wall is an ``output`` hook chain with policy drop; it is the proxy
@@ -354,4 +388,6 @@ def parse_wall(listing: Mapping[str, Any] | None) -> WallKind | None:
     if not has_drop_hook:
         return None
     kind = WallKind.PROXY if accepts_egress else WallKind.BLOCK
-    return kind if _fingerprint(_wall_body(kind)) in comments else None
+    if kind is WallKind.PROXY and allocation is None:
+        return None  # cannot tell whether it is exactly ours
+    return kind if _fingerprint(_wall_body(kind, allocation)) in comments else None

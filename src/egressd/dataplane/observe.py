@@ -115,7 +115,10 @@ def inspect_container(
                     default_route_ok = routes.default_route_via(
                         ns, gateway=allocation.bridge_ip, ifname=CONTAINER_IFNAME
                     )
-            wall = parse_wall(list_table(table, netns_path=netns_path))
+            wall = parse_wall(
+                list_table(table, netns_path=netns_path),
+                allocation=allocation,
+            )
             netns_present = True
         except NetnsGone:
             wall = None
