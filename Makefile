@@ -27,7 +27,9 @@ PYTEST_ARGS ?=
 # Debian packages the project and its integration tests need. We never rely on the
 # services these packages install: tests start their own peers in their own namespaces.
 APT_PACKAGES := nftables iproute2 dante-server tinyproxy squid stunnel4 dnsmasq-base \
-	curl openssl procps psmisc python3-venv tcpdump util-linux ca-certificates
+	curl openssl procps psmisc python3-venv tcpdump util-linux ca-certificates \
+	podman runc busybox-static postgresql \
+	redsocks iperf3 wrk nginx-light
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
@@ -83,9 +85,12 @@ test: lint
 	@echo "==> pytest$(if $(SUDO), (not root: root-marked tests are skipped), (root: integration tests included))"
 	@$(BIN)/pytest -q tests $(PYTEST_ARGS)
 
+# BENCH_ARGS: e.g. make bench BENCH_ARGS=--quick (see python -m bench --help).
 bench: setup
 	@if [ -f bench/__main__.py ]; then \
-		$(BIN)/python -m bench; \
+		$(BIN)/python -c 'import matplotlib' 2>/dev/null \
+			|| $(BIN)/python -m pip install -q -e '.[bench]'; \
+		$(BIN)/python -m bench $(BENCH_ARGS); \
 	else \
 		echo "no benchmarks yet"; \
 	fi

@@ -1,6 +1,7 @@
 """The ``egressd`` command.
 
-Server side: ``serve`` (API + agent). Store side (local, under
+Server side: ``serve`` (API + agent, one host), ``api`` and ``agent`` (many
+hosts on one PostgreSQL: API replicas, one agent per host). Store side (local, under
 ``--data-dir``): ``token create``, ``container create``. Client side
 (against the API: ``--url``/``EGRESSD_URL``, ``--token``/``EGRESSD_TOKEN``):
 ``net get|set|start|stop|rm``, ``container list|create --url``. Human
@@ -85,21 +86,100 @@ def _call(url: str, token: str | None, as_json: bool, fn: Any) -> Any:
         raise typer.Exit(2) from None
 
 
+DatabaseUrl = Annotated[
+    str | None,
+    typer.Option(
+        envvar="EGRESSD_DATABASE_URL", help="e.g. postgresql+psycopg://user:pw@db/egressd"
+    ),
+]
+Node = Annotated[
+    str | None, typer.Option(envvar="EGRESSD_NODE", help="this host's node name (default: local)")
+]
+LogLevel = Annotated[str, typer.Option()]
+
+
+def _server_settings(
+    data_dir: Path,
+    database_url: str | None,
+    node: str | None,
+    log_level: str,
+    *,
+    needs_postgresql: str | None = None,
+) -> Any:
+    """Settings of a server process, with logging set up; exits 2 on a bad setting."""
+    from pydantic import ValidationError
+
+    from egressd.settings import Settings
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    overrides: dict[str, Any] = {"data_dir": data_dir, "database_url": database_url}
+    if node is not None:
+        overrides["node"] = node
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        typer.echo(f"error: {problems}", err=True)
+        raise typer.Exit(2) from None
+    if needs_postgresql and not settings.uses_postgresql:
+        typer.echo(
+            f"error: egressd {needs_postgresql} needs --database-url postgresql+psycopg://... "
+            "shared by every host (on one host, use `egressd serve`)",
+            err=True,
+        )
+        raise typer.Exit(2)
+    return settings
+
+
 @app.command()
 def serve(
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8080,
     data_dir: DataDir = Path("./var"),
-    database_url: Annotated[str | None, typer.Option(envvar="EGRESSD_DATABASE_URL")] = None,
-    log_level: Annotated[str, typer.Option()] = "info",
+    database_url: DatabaseUrl = None,
+    node: Node = None,
+    log_level: LogLevel = "info",
 ) -> None:
     """Run the API server and the agent in one process (needs root)."""
     from egressd.daemon import serve as run
 
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    run(_settings(data_dir, database_url), host=host, port=port, log_level=log_level)
+    settings = _server_settings(data_dir, database_url, node, log_level)
+    run(settings, host=host, port=port, log_level=log_level)
+
+
+@app.command("api")
+def api_command(
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8080,
+    data_dir: DataDir = Path("./var"),
+    database_url: DatabaseUrl = None,
+    node: Annotated[
+        str | None,
+        typer.Option(envvar="EGRESSD_NODE", help="node of containers registered without one"),
+    ] = None,
+    log_level: LogLevel = "info",
+) -> None:
+    """Run the API server only, on PostgreSQL (no agent, no root needed)."""
+    from egressd.daemon import run_api
+
+    settings = _server_settings(data_dir, database_url, node, log_level, needs_postgresql="api")
+    run_api(settings, host=host, port=port, log_level=log_level)
+
+
+@app.command("agent")
+def agent_command(
+    node: Annotated[str, typer.Option(envvar="EGRESSD_NODE", help="this host's node name")],
+    database_url: DatabaseUrl = None,
+    data_dir: DataDir = Path("./var"),
+    log_level: LogLevel = "info",
+) -> None:
+    """Run this host's agent only, on PostgreSQL (needs root; no HTTP)."""
+    from egressd.daemon import run_agent
+
+    settings = _server_settings(data_dir, database_url, node, log_level, needs_postgresql="agent")
+    run_agent(settings)
 
 
 @token_app.command("create")
@@ -119,8 +199,14 @@ def token_create(
 
 @container_app.command("create")
 def container_create(
-    ref: Annotated[str, typer.Option(help="network namespace name")],
-    runtime: Annotated[str, typer.Option()] = "netns",
+    ref: Annotated[
+        str,
+        typer.Option(
+            help="netns: namespace name; pid: process id; path: netns file path; "
+            "docker/podman: container name or id"
+        ),
+    ],
+    runtime: Annotated[str, typer.Option(help="netns | pid | path | docker | podman")] = "netns",
     id: Annotated[str | None, typer.Option("--id", help="24 hex; generated if absent")] = None,
     name: Annotated[str | None, typer.Option()] = None,
     owner: Annotated[str | None, typer.Option(help="principal name")] = None,
@@ -130,6 +216,14 @@ def container_create(
     as_json: Json = False,
 ) -> None:
     """Register a container: through the API with --url, else in the local store."""
+    from egressd.errors import InvalidInput
+    from egressd.runtimes import validate_ref
+
+    try:
+        validate_ref(runtime, ref)  # the API's rules, checked before either path
+    except InvalidInput as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
     if url:
         data = _call(
             url,
@@ -142,12 +236,9 @@ def container_create(
     from egressd.daemon import open_store
     from egressd.errors import EgressdError
     from egressd.model import parse_container_id
-    from egressd.runtimes import NETNS_NAME_RE
 
     try:
         cid = parse_container_id(id) if id else None
-        if runtime != "netns" or not NETNS_NAME_RE.match(ref):
-            raise typer.BadParameter("runtime must be 'netns' and ref a namespace name")
         view = open_store(_settings(data_dir)).create_container(
             container_id=cid, name=name, owner=owner, runtime=runtime, ref=ref
         )

@@ -1,8 +1,18 @@
-"""Wiring of ``egressd serve``: store, API, relay and agent in one process.
+"""Wiring of the server processes: ``serve`` (API + agent), ``api``, ``agent``.
 
-Concurrency model: uvicorn's asyncio loop runs the API and the relay; the
-agent's reconciler runs in its own thread and reaches the relay through the
-loop (see ``agent.runner``). API handlers run in FastAPI's thread pool.
+* ``serve``: uvicorn's asyncio loop runs the API and the relay; the agent's
+  reconciler and heartbeat run in their own threads. SQLite by default.
+* ``api``: the API only (no root, no kernel), on PostgreSQL, any number of
+  replicas.
+* ``agent``: one per host (root): relay, reconciler and heartbeat, no HTTP.
+  ``asyncio.run`` owns the relay's loop; SIGTERM/SIGINT stop it gracefully:
+  listeners close, kernel walls stay (a stop of the agent is not a stop of
+  the containers' enforcement, so their traffic fails closed meanwhile).
+
+API handlers run in FastAPI's thread pool; the agent's reconciler thread
+reaches the relay through the loop (see ``agent.runner``). Wake-ups between
+them are in-process on SQLite and LISTEN/NOTIFY on PostgreSQL
+(``store.wakeups``).
 """
 
 from __future__ import annotations
@@ -10,25 +20,40 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
+from sqlalchemy.engine import make_url
 
+from egressd import __version__
 from egressd.api import Services, create_app
 from egressd.settings import Settings
 from egressd.store import Store, make_engine, migrate
-from egressd.store.wakeups import Wakeups
+from egressd.store.wakeups import Wakeups, wakeups_for
 
 log = logging.getLogger(__name__)
 ADMIN_TOKEN_FILE = "admin-token"  # noqa: S105 - a file name
 
 
+def redacted_url(url: str) -> str:
+    """The database URL for logs: no password, neither in userinfo nor in the query."""
+    parsed = make_url(url)
+    if "password" in parsed.query:
+        parsed = parsed.update_query_dict({"password": "***"})
+    return parsed.render_as_string(hide_password=True)
+
+
 def open_store(settings: Settings) -> Store:
-    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    engine = make_engine(settings.effective_database_url)
+    """Connect, bring the schema up to date, and return the store."""
+    url = settings.effective_database_url
+    if not settings.uses_postgresql:
+        settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    engine = make_engine(url)
+    log.info("store: %s", redacted_url(url))
     migrate(engine)
     db_file = settings.data_dir / "egressd.db"
     if db_file.exists():
@@ -41,6 +66,7 @@ def ensure_admin_token(settings: Settings, store: Store) -> str | None:
     if store.has_admin():
         return None
     token = store.create_token("admin", admin=True)
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     path: Path = settings.data_dir / ADMIN_TOKEN_FILE
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -49,50 +75,117 @@ def ensure_admin_token(settings: Settings, store: Store) -> str | None:
     return token
 
 
+@asynccontextmanager
+async def running_agent(settings: Settings, store: Store, wakeups: Wakeups) -> AsyncIterator[None]:
+    """Relay, reconciler and heartbeat of ``settings.node`` on the running loop.
+
+    On exit the heartbeat and the reconciler stop and the relay's listeners
+    close; kernel state is left as it is (fail closed).
+    """
+    from egressd.agent.adapters import KernelDataplane, RelayAdapter
+    from egressd.agent.heartbeat import Heartbeat
+    from egressd.agent.runner import Agent
+    from egressd.relay import Relay
+
+    tls = settings.upstream_ssl_context()
+    relay = Relay(connect_timeout=settings.upstream_timeout, ssl_context=tls)
+    agent = Agent(
+        settings=settings,
+        store=store,
+        wakeups=wakeups,
+        dataplane=KernelDataplane(),
+        relay=RelayAdapter(relay, ssl_context=tls),
+        loop=asyncio.get_running_loop(),
+    )
+    heartbeat = Heartbeat(
+        store, node=settings.node, interval=settings.heartbeat_interval, version=__version__
+    )
+    try:
+        agent.start()
+        await asyncio.to_thread(heartbeat.start)
+        yield
+    finally:
+        await asyncio.to_thread(heartbeat.stop)
+        await asyncio.to_thread(agent.stop)
+        await relay.close()
+
+
 def build_app(
     settings: Settings, store: Store, *, wakeups: Wakeups | None = None, with_agent: bool = True
 ) -> FastAPI:
-    wakeups = wakeups or Wakeups()
+    """The API app; with ``with_agent`` its lifespan also runs this node's agent.
+
+    Wake-ups passed in belong to the caller; without, they are made here (by
+    database) and started and closed with the app.
+    """
+    owned = wakeups is None
+    wakeups = wakeups or wakeups_for(
+        store.engine, agent_node=settings.node if with_agent else None, observe=True
+    )
     services = Services(settings=settings, store=store, wakeups=wakeups)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        if not with_agent:
+        async with AsyncExitStack() as stack:
+            if owned:
+                await asyncio.to_thread(wakeups.start)
+                stack.push_async_callback(asyncio.to_thread, wakeups.close)
+            if with_agent:
+                await stack.enter_async_context(running_agent(settings, store, wakeups))
             yield
-            return
-        from egressd.agent.adapters import KernelDataplane, RelayAdapter
-        from egressd.agent.runner import Agent
-        from egressd.relay import Relay
-
-        tls = settings.upstream_ssl_context()
-        relay = Relay(connect_timeout=settings.upstream_timeout, ssl_context=tls)
-        agent = Agent(
-            settings=settings,
-            store=store,
-            wakeups=wakeups,
-            dataplane=KernelDataplane(),
-            relay=RelayAdapter(relay, ssl_context=tls),
-            loop=asyncio.get_running_loop(),
-        )
-        agent.start()
-        try:
-            yield
-        finally:
-            # Not a stop: listeners close, kernel walls stay (fail closed).
-            await asyncio.to_thread(agent.stop)
-            await relay.close()
 
     return create_app(services, lifespan=lifespan)
 
 
-def serve(settings: Settings, *, host: str, port: int, log_level: str = "info") -> None:
-    store = open_store(settings)
+def _announce_token(settings: Settings, store: Store) -> None:
     token = ensure_admin_token(settings, store)
     if token is not None:
         print(f"egressd: admin token (shown once, also in {settings.data_dir / ADMIN_TOKEN_FILE}):")
         print(token, flush=True)
-    app = build_app(settings, store)
+
+
+def _run_uvicorn(app: FastAPI, *, host: str, port: int, log_level: str) -> None:
     config = uvicorn.Config(
         app, host=host, port=port, loop="asyncio", log_level=log_level, access_log=False
     )
     uvicorn.Server(config).run()
+
+
+def serve(settings: Settings, *, host: str, port: int, log_level: str = "info") -> None:
+    """API and the agent of ``settings.node`` in one process (root)."""
+    store = open_store(settings)
+    _announce_token(settings, store)
+    _run_uvicorn(build_app(settings, store), host=host, port=port, log_level=log_level)
+
+
+def run_api(settings: Settings, *, host: str, port: int, log_level: str = "info") -> None:
+    """The API alone: no agent, no kernel access, no root."""
+    store = open_store(settings)
+    _announce_token(settings, store)
+    app = build_app(settings, store, with_agent=False)
+    _run_uvicorn(app, host=host, port=port, log_level=log_level)
+
+
+def run_agent(settings: Settings) -> None:
+    """The agent of ``settings.node`` alone, until SIGTERM or SIGINT (root)."""
+    store = open_store(settings)
+    wakeups = wakeups_for(store.engine, agent_node=settings.node, observe=False)
+    try:
+        asyncio.run(_agent_main(settings, store, wakeups))
+    finally:
+        store.engine.dispose()
+
+
+async def _agent_main(settings: Settings, store: Store, wakeups: Wakeups) -> None:
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await asyncio.to_thread(wakeups.start)
+    try:
+        async with running_agent(settings, store, wakeups):
+            log.info("agent of node %s running", settings.node)
+            await stopping.wait()
+            log.info("agent of node %s stopping; kernel state stays", settings.node)
+    finally:
+        await asyncio.to_thread(wakeups.close)

@@ -2,6 +2,11 @@
 
 A ``Settings`` object is built once by the CLI and passed down; nothing
 imports a global settings instance.
+
+Multi-host: every process names the ``node`` it runs for. An agent reconciles
+only its node's containers and sends a heartbeat every ``heartbeat_interval``
+seconds; the API treats a node not heard from for ``node_timeout`` seconds
+(default three heartbeats) as having no live agent.
 """
 
 from __future__ import annotations
@@ -13,13 +18,16 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# A node (host) name: also the payload of the agents' wake-up NOTIFY, so never "*".
+NODE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EGRESSD_", extra="ignore")
 
     data_dir: Path = Path("./var")
     database_url: str | None = None  # default: sqlite file under data_dir
-    node: str = "local"
+    node: str = Field(default="local", pattern=NODE_NAME_PATTERN)
     pool: ipaddress.IPv4Network = ipaddress.IPv4Network("10.20.0.0/16")
     subnet_prefix: int = Field(default=29, ge=16, le=29)
     relay_port: int = Field(default=1080, ge=1, le=65535)
@@ -34,6 +42,10 @@ class Settings(BaseSettings):
     # Extra CA certificates (PEM) trusted for `https` proxies, on top of the system store.
     upstream_ca_file: Path | None = None
     max_body_bytes: int = 16 * 1024
+    # Agents record that they are alive this often (seconds).
+    heartbeat_interval: float = Field(default=5.0, gt=0)
+    # No heartbeat for this long: the node's agent is not alive (default 3 x heartbeat).
+    node_timeout: float | None = Field(default=None, gt=0)
 
     @field_validator("pool", mode="before")
     @classmethod
@@ -46,6 +58,14 @@ class Settings(BaseSettings):
         if self.upstream_ca_file is not None:
             context.load_verify_locations(cafile=str(self.upstream_ca_file))
         return context
+
+    @property
+    def effective_node_timeout(self) -> float:
+        return self.node_timeout or 3 * self.heartbeat_interval
+
+    @property
+    def uses_postgresql(self) -> bool:
+        return self.effective_database_url.startswith("postgresql")
 
     @property
     def effective_database_url(self) -> str:

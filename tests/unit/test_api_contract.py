@@ -395,7 +395,12 @@ def test_container_registration_admin_only_and_validated(api: Api) -> None:
     r = api.client.post("/api/v1/containers", json={"ref": "x"}, headers=api.h(api.alice))
     assert_error(r, 403, "Forbidden", "Admin privileges required")
     r = api.client.post("/api/v1/containers", json={"ref": "../etc"}, headers=api.h(api.admin))
-    assert_error(r, 400, "Bad Request", "Invalid network namespace name in 'ref'")
+    assert_error(
+        r,
+        400,
+        "Bad Request",
+        "Invalid ref for runtime 'netns': must be a network namespace name ([A-Za-z0-9_.-], at most 64 characters)",
+    )
     r = api.client.post(
         "/api/v1/containers", json={"ref": "a", "id": "xyz"}, headers=api.h(api.admin)
     )

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from egressd import __version__
 from egressd.api.deps import Services
 from egressd.api.envelopes import error_response, install_error_handlers
-from egressd.api.routes import containers, health, network, tokens
+from egressd.api.routes import containers, health, network, nodes, tokens
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -70,7 +70,7 @@ def create_app(services: Services, *, lifespan: Lifespan | None = None) -> FastA
     )
     app.state.services = services
     install_error_handlers(app)
-    for module in (network, containers, tokens, health):
+    for module in (network, containers, nodes, tokens, health):
         app.include_router(module.router)
     app.add_middleware(BodyLimit, limit=services.settings.max_body_bytes)
     return app

@@ -38,8 +38,21 @@ class ContainerCreate(_Strict):
     id: str | None = Field(default=None, description="24 hex; generated when absent")
     name: str | None = Field(default=None, max_length=128)
     owner: str | None = Field(default=None, max_length=64, description="principal name")
-    runtime: Literal["netns"] = "netns"
-    ref: str = Field(min_length=1, max_length=256, description="network namespace name")
+    runtime: Literal["netns", "pid", "path", "docker", "podman"] = "netns"
+    ref: str = Field(
+        min_length=1,
+        max_length=256,
+        description=(
+            "netns: namespace name (/run/netns/<ref>); pid: process id; "
+            "path: absolute netns file path (CNI); docker/podman: container name or id"
+        ),
+        examples=["web-1"],
+    )
+    node: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",  # settings.NODE_NAME_PATTERN
+        description="node (host) the container lives on; default: the API server's node",
+    )
 
 
 class TokenCreate(_Strict):

@@ -1,6 +1,7 @@
 """The store: the one source of truth (SQLite embedded, PostgreSQL by URL)."""
 
 from egressd.store.db import make_engine, migrate
+from egressd.store.nodes import NodeView
 from egressd.store.repository import (
     ContainerView,
     DesiredView,
@@ -15,6 +16,7 @@ __all__ = [
     "ContainerView",
     "DesiredView",
     "NetworkView",
+    "NodeView",
     "ObservedView",
     "PrincipalView",
     "Store",

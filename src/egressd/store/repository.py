@@ -32,7 +32,9 @@ from egressd.model import (
     Status,
     bridge_name_for,
 )
+from egressd.store import nodes
 from egressd.store.db import make_sessionmaker
+from egressd.store.nodes import NodeView
 from egressd.store.tables import (
     AllocationRow,
     ApiToken,
@@ -478,6 +480,32 @@ class Store:
             s.execute(delete(AllocationRow).where(AllocationRow.container_id == container_id))
             s.execute(delete(NetworkStatusRow).where(NetworkStatusRow.container_id == container_id))
             return True
+
+    # -- nodes (agent heartbeats) --------------------------------------------------
+
+    def record_heartbeat(
+        self, node: str, *, version: str, started_at: datetime | None = None
+    ) -> datetime:
+        """Mark ``node``'s agent alive now; returns its ``started_at`` (now on a first beat)."""
+        for attempt in range(2):
+            try:
+                with self._tx() as s:
+                    now = nodes.store_now(s)
+                    started = started_at or now
+                    nodes.upsert(s, name=node, now=now, started_at=started, version=version)
+                    return started
+            except IntegrityError:  # a concurrent first insert of the same name: update
+                if attempt == 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def list_nodes(self) -> list[NodeView]:
+        with self._tx() as s:
+            return nodes.list_nodes(s)
+
+    def get_node(self, node: str) -> NodeView | None:
+        with self._tx() as s:
+            return nodes.get_node(s, node)
 
     def container_ids(self, ids: Sequence[str]) -> set[str]:
         with self._tx() as s:

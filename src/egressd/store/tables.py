@@ -3,7 +3,8 @@
 Desired configuration (``network_configs``), host allocations
 (``allocations``) and what the agent observed (``network_status``) are
 separate records: the API writes the first, allocates the second, and only
-the agent writes the third. Portable SQL only (SQLite and PostgreSQL).
+the agent writes the third. ``nodes`` holds each agent's heartbeat. Portable
+SQL only (SQLite and PostgreSQL).
 """
 
 from __future__ import annotations
@@ -144,3 +145,14 @@ class NetworkStatusRow(Base):
     # What the agent put in the kernel and must undo: type, netns path, saved routes.
     applied: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     upstream: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+
+class NodeRow(Base):
+    """One row per node (host) whose agent has ever run; written by that agent only."""
+
+    __tablename__ = "nodes"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # The store's clock, not the agent's: hosts' clocks may disagree.
+    last_seen: Mapped[datetime] = mapped_column(UTCDateTime)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    version: Mapped[str] = mapped_column(String(32))

@@ -17,8 +17,8 @@ from egressd.api.deps import (
 from egressd.api.envelopes import ApiError, ok
 from egressd.api.routes.network import remove_network
 from egressd.api.schemas import ContainerCreate
-from egressd.errors import Conflict, InvalidInput
-from egressd.runtimes import NETNS_NAME_RE
+from egressd.errors import Conflict
+from egressd.runtimes import validate_ref
 
 router = APIRouter(prefix="/api/v1/containers", tags=["containers"])
 
@@ -26,11 +26,15 @@ router = APIRouter(prefix="/api/v1/containers", tags=["containers"])
 @router.post("", summary="Register a container (admin)", status_code=201)
 def create_container(body: ContainerCreate, _: AdminDep, services: ServicesDep) -> JSONResponse:
     cid = checked_id(body.id) if body.id is not None else None
-    if not NETNS_NAME_RE.match(body.ref) or body.ref in (".", ".."):
-        raise InvalidInput("Invalid network namespace name in 'ref'")
+    validate_ref(body.runtime, body.ref)  # InvalidInput: 400 "Invalid ref for runtime ..."
     try:
         view = services.store.create_container(
-            container_id=cid, name=body.name, owner=body.owner, runtime=body.runtime, ref=body.ref
+            container_id=cid,
+            name=body.name,
+            owner=body.owner,
+            runtime=body.runtime,
+            ref=body.ref,
+            node=body.node,
         )
     except Conflict:
         raise ApiError(409, "Container already exists") from None

@@ -2,6 +2,8 @@
 
 Handlers are sync: FastAPI runs them in its thread pool, where waiting for
 the agent (bounded by ``settings.apply_timeout``) blocks only that thread.
+Before waiting on a node's agent they check its heartbeat: when the agent
+has stopped reporting, they answer 500 at once and change nothing.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from fastapi.responses import JSONResponse
 
 from egressd.api import presenters
 from egressd.api.deps import ContainerIdPath, PrincipalDep, Services, ServicesDep, visible_container
-from egressd.api.envelopes import ApiError, ok
+from egressd.api.envelopes import ApiError, iso, ok
 from egressd.api.schemas import NetworkConfigUpdate
 from egressd.errors import AllocationExhausted, InvalidInput, NotFound
 from egressd.model import (
@@ -31,9 +33,28 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1/containers", tags=["container network"])
 
 
-def _wait_applied(services: Services, container_id: str, generation: int) -> NetworkView | None:
-    """Wait (bounded) until the agent has acted on ``generation``."""
-    services.wakeups.notify_agent()
+def _require_live_agent(services: Services, node: str, *, failed: str) -> None:
+    """500 ``failed`` at once when ``node``'s agent has stopped sending heartbeats.
+
+    A node whose agent never reported is waited for as before: the wait's
+    timeout says so.
+    """
+    seen = services.store.get_node(node)
+    if seen is None or seen.is_alive(services.settings.effective_node_timeout):
+        return
+    reason = f"agent of node '{node}' is not alive (last seen {iso(seen.last_seen)})"
+    raise ApiError(500, failed, reason=reason)
+
+
+def _configured(view: NetworkView) -> bool:
+    return view.desired is not None and view.desired.desired_state is not DesiredState.ABSENT
+
+
+def _wait_applied(
+    services: Services, container_id: str, generation: int, *, node: str
+) -> NetworkView | None:
+    """Wait (bounded) until the agent of ``node`` has acted on ``generation``."""
+    services.wakeups.notify_agent(node)
     seen: list[NetworkView] = []
 
     def applied() -> bool:
@@ -46,8 +67,11 @@ def _wait_applied(services: Services, container_id: str, generation: int) -> Net
     return None
 
 
-def _timeout_reason(services: Services) -> str:
-    return f"the agent did not apply the change within {services.settings.apply_timeout:g}s"
+def _timeout_reason(services: Services, node: str) -> str:
+    reason = f"the agent did not apply the change within {services.settings.apply_timeout:g}s"
+    if services.store.get_node(node) is None:
+        reason += f" (no agent of node '{node}' has reported yet)"
+    return reason
 
 
 @router.get("/{container_id}/network", summary="Get container network configuration")
@@ -106,6 +130,10 @@ def update_network_config(
     )
     current = services.store.get_network(container_id)
     config = _merge(body, current.desired.config if current.desired else None)
+    if current.desired is not None and current.desired.desired_state is DesiredState.RUNNING:
+        _require_live_agent(
+            services, current.container.node, failed="Failed to update network configuration"
+        )
     s = services.settings
     try:
         view = services.store.put_config(
@@ -117,7 +145,10 @@ def update_network_config(
         raise ApiError(404, "Container not found") from None
     log.info("container %s: configured type=%s", container_id, config.type.value)
     if view.desired is not None and view.desired.desired_state is DesiredState.RUNNING:
-        view = _wait_applied(services, container_id, view.desired.generation) or view
+        applied = _wait_applied(
+            services, container_id, view.desired.generation, node=view.container.node
+        )
+        view = applied or view
     return ok("Network configuration updated successfully", presenters.network_config(view))
 
 
@@ -143,13 +174,18 @@ def _transition(
     state: DesiredState,
     failed: str,
 ) -> NetworkView:
+    current = services.store.get_network(container_id)
+    if not _configured(current):
+        raise ApiError(400, "Network not configured for this container")
+    node = current.container.node
+    _require_live_agent(services, node, failed=failed)
     try:
         generation = services.store.set_desired_state(container_id, state)
     except NotFound:
         raise ApiError(400, "Network not configured for this container") from None
-    view = _wait_applied(services, container_id, generation)
+    view = _wait_applied(services, container_id, generation, node=node)
     if view is None:
-        raise ApiError(500, failed, reason=_timeout_reason(services))
+        raise ApiError(500, failed, reason=_timeout_reason(services, node))
     if view.observed is not None and view.observed.status is Status.ERROR:
         raise ApiError(500, failed, reason=view.observed.reason)
     return view
@@ -185,11 +221,20 @@ def stop_network(
 
 def remove_network(services: Services, container_id: str) -> None:
     """Mark the configuration absent and wait until the agent has undone and forgotten it."""
+    failed = "Failed to remove network configuration"
+    try:
+        current = services.store.get_network(container_id)
+    except NotFound:
+        raise ApiError(404, "Container or network configuration not found") from None
+    if not _configured(current):
+        raise ApiError(404, "Container or network configuration not found")
+    node = current.container.node
+    _require_live_agent(services, node, failed=failed)
     try:
         services.store.set_desired_state(container_id, DesiredState.ABSENT)
     except NotFound:
         raise ApiError(404, "Container or network configuration not found") from None
-    services.wakeups.notify_agent()
+    services.wakeups.notify_agent(node)
 
     def gone() -> bool:
         return services.store.get_network(container_id).desired is None
@@ -197,11 +242,7 @@ def remove_network(services: Services, container_id: str) -> None:
     if not services.wakeups.wait_until(gone, timeout=services.settings.apply_timeout):
         view = services.store.get_network(container_id)
         reason = view.observed.reason if view.observed and view.observed.reason else None
-        raise ApiError(
-            500,
-            "Failed to remove network configuration",
-            reason=reason or _timeout_reason(services),
-        )
+        raise ApiError(500, failed, reason=reason or _timeout_reason(services, node))
 
 
 @router.delete("/{container_id}/network", summary="Remove container network configuration")
