@@ -210,6 +210,7 @@ def container_create(
     id: Annotated[str | None, typer.Option("--id", help="24 hex; generated if absent")] = None,
     name: Annotated[str | None, typer.Option()] = None,
     owner: Annotated[str | None, typer.Option(help="principal name")] = None,
+    node: Annotated[str | None, typer.Option(help="node (host) it lives on")] = None,
     url: Annotated[str | None, typer.Option("--url", envvar="EGRESSD_URL")] = None,
     token: Token = None,
     data_dir: DataDir = Path("./var"),
@@ -229,7 +230,9 @@ def container_create(
             url,
             token,
             as_json,
-            lambda c: c.containers.create(ref=ref, runtime=runtime, id=id, name=name, owner=owner),
+            lambda c: c.containers.create(
+                ref=ref, runtime=runtime, id=id, name=name, owner=owner, node=node
+            ),
         )
         _emit(data, as_json, human=None if as_json else data["id"])
         return
@@ -240,7 +243,7 @@ def container_create(
     try:
         cid = parse_container_id(id) if id else None
         view = open_store(_settings(data_dir)).create_container(
-            container_id=cid, name=name, owner=owner, runtime=runtime, ref=ref
+            container_id=cid, name=name, owner=owner, runtime=runtime, ref=ref, node=node
         )
     except EgressdError as exc:
         typer.echo(f"error: {exc}", err=True)

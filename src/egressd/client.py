@@ -62,8 +62,16 @@ class _Containers:
         id: str | None = None,
         name: str | None = None,
         owner: str | None = None,
+        node: str | None = None,
     ) -> dict[str, Any]:
-        body = {"ref": ref, "runtime": runtime, "id": id, "name": name, "owner": owner}
+        body = {
+            "ref": ref,
+            "runtime": runtime,
+            "id": id,
+            "name": name,
+            "owner": owner,
+            "node": node,
+        }
         body = {k: v for k, v in body.items() if v is not None}
         return self._c.request("POST", "/api/v1/containers", json=body)  # type: ignore[no-any-return]
 

@@ -66,3 +66,13 @@ def test_net_commands_report_unreachable_server(tmp_path: Path) -> None:
     )
     assert r.exit_code == 2
     assert "cannot reach" in r.output
+
+
+def test_container_create_on_another_node(tmp_path: Path) -> None:
+    r = runner.invoke(
+        app, ["container", "create", "--ref", "ns9", "--node", "b", "--data-dir", str(tmp_path)]
+    )
+    assert r.exit_code == 0, r.output
+    store = open_store(Settings(data_dir=tmp_path))
+    assert store.get_container(r.output.strip()).node == "b"
+    store.engine.dispose()
