@@ -135,6 +135,9 @@ class Agent:
         self.relay = relay
         self.loop = loop
         self._stopping = threading.Event()
+        # Until the first full pass is done, adopted containers get their
+        # observed record refreshed: what is stored predates this process.
+        self._fresh_start = True
         self._thread: threading.Thread | None = None
 
     # -- lifecycle ---------------------------------------------------------------
@@ -153,7 +156,8 @@ class Agent:
 
     def _run(self) -> None:
         now = time.monotonic()
-        next_resync, next_probe = now, now + self.settings.probe_interval
+        # The first pass adopts; the first probe round follows it at once.
+        next_resync, next_probe = now, now
         while not self._stopping.is_set():
             now = time.monotonic()
             try:
@@ -161,6 +165,7 @@ class Agent:
                     # Level-triggered safety net: every container, changed or not.
                     self.reconcile_all(only_pending=False)
                     self.collect_garbage()
+                    self._fresh_start = False
                     next_resync = time.monotonic() + self.settings.resync_interval
                 else:
                     self.reconcile_all(only_pending=True)
@@ -351,7 +356,8 @@ class Agent:
                 self._about_to_apply(p, wanted)
                 self.dataplane.apply_block(container_id=cid, netns_path=p.netns_path, table=table)
                 log.info("container %s: block enforced", cid)
-            if _pending(view) or p.view.observed is None or not p.view.observed.is_running:
+            observed = p.view.observed
+            if _pending(view) or self._fresh_start or observed is None or not observed.is_running:
                 self._record(p, Status.RUNNING, None, True)
         elif step is Step.APPLY_PROXY:
             assert desired is not None and view.allocation is not None
@@ -387,7 +393,11 @@ class Agent:
         elif step is Step.PROBE_UPSTREAM:
             assert desired is not None and desired.config.proxy
             if not _pending(view):
-                return  # steady state: the periodic probe round keeps health current
+                # Steady state: the probe round keeps health current (and
+                # runs right after the first pass after a start).
+                if self._fresh_start and view.observed is not None:
+                    self._record(p, view.observed.status, view.observed.reason, True)
+                return
             p.upstream = self._on_loop(
                 self.relay.probe(desired.config.proxy, timeout=self.settings.upstream_timeout)
             )
