@@ -22,11 +22,12 @@ import threading
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from egressd.agent.plan import Step, applied_type, plan
+from egressd.agent.ports import Dataplane, RelayPort
 from egressd.errors import EgressdError, NotFound, RuntimeLookupError
-from egressd.model import Allocation, DesiredState, ProxySpec, Status
+from egressd.model import Allocation, DesiredState, Status
 from egressd.runtimes import resolve_netns
 from egressd.settings import Settings
 from egressd.store import NetworkView, Store
@@ -34,57 +35,6 @@ from egressd.store.wakeups import Wakeups
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-class Dataplane(Protocol):
-    def ensure_host_base(self, table: str) -> None: ...
-    def record_routes(self, *, netns_path: str) -> list[dict[str, Any]]: ...
-    def enforced_container_ids(self, table: str) -> set[str]: ...
-    def is_enforced(
-        self,
-        *,
-        kind: str,
-        container_id: str,
-        netns_path: str,
-        allocation: Allocation | None,
-        table: str,
-    ) -> bool: ...
-    def begin_pass(self, table: str) -> None: ...
-    def end_pass(self) -> None: ...
-    def apply_proxy(
-        self,
-        *,
-        container_id: str,
-        netns_path: str,
-        allocation: Allocation,
-        saved_routes: list[dict[str, Any]] | None,
-        table: str,
-    ) -> list[dict[str, Any]]: ...
-    def apply_block(self, *, container_id: str, netns_path: str, table: str) -> None: ...
-    def remove(
-        self,
-        *,
-        container_id: str,
-        netns_path: str | None,
-        allocation: Allocation | None,
-        saved_routes: list[dict[str, Any]],
-        table: str,
-    ) -> None: ...
-
-
-class RelayPort(Protocol):
-    async def ensure_listener(
-        self,
-        *,
-        container_id: str,
-        listen_ip: str,
-        port: int,
-        upstream: ProxySpec,
-        dns_servers: tuple[str, ...],
-    ) -> None: ...
-    async def remove_listener(self, container_id: str) -> None: ...
-    async def listener_ids(self) -> set[str]: ...
-    async def probe(self, spec: ProxySpec, *, timeout: float) -> dict[str, Any]: ...
 
 
 @dataclass

@@ -2,14 +2,13 @@
 
 from egressd.store.db import make_engine, migrate
 from egressd.store.nodes import NodeView
-from egressd.store.repository import (
+from egressd.store.repository import Store, hash_token
+from egressd.store.views import (
     ContainerView,
     DesiredView,
     NetworkView,
     ObservedView,
     PrincipalView,
-    Store,
-    hash_token,
 )
 
 __all__ = [

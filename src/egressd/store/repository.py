@@ -14,7 +14,6 @@ import ipaddress
 import secrets
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -24,11 +23,8 @@ from sqlalchemy.orm import Session
 
 from egressd.errors import AllocationExhausted, Conflict, InvalidInput, NotFound
 from egressd.model import (
-    Allocation,
     DesiredState,
     NetworkConfig,
-    NetworkType,
-    ProxySpec,
     Status,
     bridge_name_for,
 )
@@ -44,129 +40,20 @@ from egressd.store.tables import (
     Principal,
     utcnow,
 )
+from egressd.store.views import (
+    ContainerView,
+    NetworkView,
+    PrincipalView,
+    assemble,
+    config_from_row,
+    container_view_of,
+)
 
 TOKEN_PREFIX = "egd_"  # noqa: S105 - a prefix, not a secret
 
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class PrincipalView:
-    id: int
-    name: str
-    is_admin: bool
-
-
-@dataclass(frozen=True)
-class ContainerView:
-    id: str
-    name: str | None
-    owner: str | None
-    owner_id: int | None
-    runtime: str
-    ref: str
-    node: str
-    created_at: datetime
-
-
-@dataclass(frozen=True)
-class DesiredView:
-    config: NetworkConfig
-    desired_state: DesiredState
-    generation: int
-    configured_at: datetime
-
-
-@dataclass(frozen=True)
-class ObservedView:
-    status: Status
-    reason: str | None
-    is_running: bool
-    observed_generation: int
-    last_check: datetime | None
-    applied: dict[str, Any] | None
-    upstream: dict[str, Any] | None
-
-
-@dataclass(frozen=True)
-class NetworkView:
-    container: ContainerView
-    desired: DesiredView | None
-    allocation: Allocation | None
-    observed: ObservedView | None
-
-
-def _config_from_row(row: NetworkConfigRow) -> NetworkConfig:
-    ntype = NetworkType(row.type)
-    proxy = None
-    if row.proxy_url:
-        endpoint = ProxySpec.parse(row.proxy_url, expected=ntype)
-        proxy = ProxySpec(
-            scheme=ntype,
-            host=endpoint.host,
-            port=endpoint.port,
-            username=row.proxy_username,
-            password=row.proxy_password,
-        )
-    return NetworkConfig(
-        type=ntype,
-        proxy=proxy,
-        dns_servers=tuple(row.dns_servers),
-        country=row.country,
-        city=row.city,
-        region=row.region,
-        comment=row.comment,
-    )
-
-
-def _container_view_of(row: Container, owner: str | None) -> ContainerView:
-    return ContainerView(
-        id=row.id,
-        name=row.name,
-        owner=owner,
-        owner_id=row.owner_id,
-        runtime=row.runtime,
-        ref=row.ref,
-        node=row.node,
-        created_at=row.created_at,
-    )
-
-
-def _assemble(
-    container: ContainerView,
-    cfg: NetworkConfigRow | None,
-    alloc: AllocationRow | None,
-    st: NetworkStatusRow | None,
-) -> NetworkView:
-    desired = None
-    if cfg is not None:
-        desired = DesiredView(
-            config=_config_from_row(cfg),
-            desired_state=DesiredState(cfg.desired_state),
-            generation=cfg.generation,
-            configured_at=cfg.configured_at,
-        )
-    allocation = None
-    if alloc is not None:
-        allocation = Allocation(
-            subnet=ipaddress.IPv4Network(alloc.subnet),
-            bridge_name=alloc.bridge_name,
-            port=alloc.port,
-        )
-    observed = None
-    if st is not None:
-        observed = ObservedView(
-            status=Status(st.status),
-            reason=st.reason,
-            is_running=st.is_running,
-            observed_generation=st.observed_generation,
-            last_check=st.last_check,
-            applied=st.applied,
-            upstream=st.upstream,
-        )
-    return NetworkView(container, desired, allocation, observed)
 
 
 class Store:
@@ -230,7 +117,7 @@ class Store:
 
     def _container_view(self, s: Session, row: Container) -> ContainerView:
         owner = s.get(Principal, row.owner_id) if row.owner_id is not None else None
-        return _container_view_of(row, owner.name if owner else None)
+        return container_view_of(row, owner.name if owner else None)
 
     def create_container(
         self,
@@ -290,7 +177,7 @@ class Store:
     # -- network configuration (desired) ---------------------------------------
 
     def _network_view(self, s: Session, container: Container) -> NetworkView:
-        return _assemble(
+        return assemble(
             self._container_view(s, container),
             s.get(NetworkConfigRow, container.id),
             s.get(AllocationRow, container.id),
@@ -338,7 +225,7 @@ class Store:
                     )
                 )
             return [
-                _assemble(_container_view_of(container, owner), cfg, alloc, st)
+                assemble(container_view_of(container, owner), cfg, alloc, st)
                 for container, cfg, alloc, st, owner in s.execute(q)
             ]
 
@@ -378,9 +265,7 @@ class Store:
         if container is None:
             raise NotFound("Container not found")
         row = s.get(NetworkConfigRow, container_id)
-        stored = (
-            _config_from_row(row) if row is not None and row.desired_state != "absent" else None
-        )
+        stored = config_from_row(row) if row is not None and row.desired_state != "absent" else None
         proxy = config.proxy
         if proxy is not None:
             proxy = proxy.keeping_credentials_of(stored.proxy if stored else None)

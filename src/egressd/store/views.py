@@ -1,0 +1,139 @@
+"""Plain frozen views of stored rows: what the API and the agent get back.
+
+Never ORM rows, so callers cannot write by accident; assembled from rows
+by :func:`assemble` in one place.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from egressd.model import (
+    Allocation,
+    DesiredState,
+    NetworkConfig,
+    NetworkType,
+    ProxySpec,
+    Status,
+)
+from egressd.store.tables import AllocationRow, Container, NetworkConfigRow, NetworkStatusRow
+
+
+@dataclass(frozen=True)
+class PrincipalView:
+    id: int
+    name: str
+    is_admin: bool
+
+
+@dataclass(frozen=True)
+class ContainerView:
+    id: str
+    name: str | None
+    owner: str | None
+    owner_id: int | None
+    runtime: str
+    ref: str
+    node: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class DesiredView:
+    config: NetworkConfig
+    desired_state: DesiredState
+    generation: int
+    configured_at: datetime
+
+
+@dataclass(frozen=True)
+class ObservedView:
+    status: Status
+    reason: str | None
+    is_running: bool
+    observed_generation: int
+    last_check: datetime | None
+    applied: dict[str, Any] | None
+    upstream: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class NetworkView:
+    container: ContainerView
+    desired: DesiredView | None
+    allocation: Allocation | None
+    observed: ObservedView | None
+
+
+def config_from_row(row: NetworkConfigRow) -> NetworkConfig:
+    ntype = NetworkType(row.type)
+    proxy = None
+    if row.proxy_url:
+        endpoint = ProxySpec.parse(row.proxy_url, expected=ntype)
+        proxy = ProxySpec(
+            scheme=ntype,
+            host=endpoint.host,
+            port=endpoint.port,
+            username=row.proxy_username,
+            password=row.proxy_password,
+        )
+    return NetworkConfig(
+        type=ntype,
+        proxy=proxy,
+        dns_servers=tuple(row.dns_servers),
+        country=row.country,
+        city=row.city,
+        region=row.region,
+        comment=row.comment,
+    )
+
+
+def container_view_of(row: Container, owner: str | None) -> ContainerView:
+    return ContainerView(
+        id=row.id,
+        name=row.name,
+        owner=owner,
+        owner_id=row.owner_id,
+        runtime=row.runtime,
+        ref=row.ref,
+        node=row.node,
+        created_at=row.created_at,
+    )
+
+
+def assemble(
+    container: ContainerView,
+    cfg: NetworkConfigRow | None,
+    alloc: AllocationRow | None,
+    st: NetworkStatusRow | None,
+) -> NetworkView:
+    desired = None
+    if cfg is not None:
+        desired = DesiredView(
+            config=config_from_row(cfg),
+            desired_state=DesiredState(cfg.desired_state),
+            generation=cfg.generation,
+            configured_at=cfg.configured_at,
+        )
+    allocation = None
+    if alloc is not None:
+        allocation = Allocation(
+            subnet=ipaddress.IPv4Network(alloc.subnet),
+            bridge_name=alloc.bridge_name,
+            port=alloc.port,
+        )
+    observed = None
+    if st is not None:
+        observed = ObservedView(
+            status=Status(st.status),
+            reason=st.reason,
+            is_running=st.is_running,
+            observed_generation=st.observed_generation,
+            last_check=st.last_check,
+            applied=st.applied,
+            upstream=st.upstream,
+        )
+    return NetworkView(container, desired, allocation, observed)
