@@ -9,6 +9,7 @@ the server by PID, and removes the host table it created.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -16,6 +17,7 @@ import random
 import secrets
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -37,6 +39,25 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_pool() -> str:
+    """A /24 of the egressd range that no address or route on the host uses yet.
+
+    Other egressd instances (an operator's daemon on 10.20.0.0/16's low end,
+    a benchmark, a concurrent test) must not collide with this one.
+    """
+    used = json.loads(run(["ip", "-j", "-4", "route", "show", "table", "all"]).stdout or "[]")
+    taken = [
+        ipaddress.ip_network(r["dst"], strict=False)
+        for r in used
+        if r.get("dst", "default") != "default"
+    ]
+    for octet in random.sample(range(128, 256), 128):
+        pool = ipaddress.ip_network(f"10.20.{octet}.0/24")
+        if not any(pool.overlaps(net) for net in taken):
+            return str(pool)
+    raise RuntimeError("no free /24 left in 10.20.128.0/17")
+
+
 class EgressdServer:
     def __init__(
         self,
@@ -49,7 +70,7 @@ class EgressdServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.table = f"egressd_t{secrets.token_hex(3)}"
-        self.pool = f"10.20.{random.randrange(0, 256)}.0/24"
+        self.pool = free_pool()
         self.data_dir = Path(tempfile.mkdtemp(prefix="egt-egressd-"))
         self.env = {
             **os.environ,
@@ -85,6 +106,12 @@ class EgressdServer:
             time.sleep(0.05)
         raise TimeoutError(f"egressd did not come up:\n{self.log()}")
 
+    def _remove_links_left(self) -> None:
+        """Bridges and veths of our containers that a failed test left (by name)."""
+        for cid in _known_container_ids(self.data_dir / "egressd.db"):
+            for name in (f"br-{cid[:12]}", f"ve-{cid[:12]}"):
+                run(["ip", "link", "delete", name], check=False)
+
     def log(self) -> str:
         path = self.data_dir / "server.log"
         return path.read_text(errors="replace") if path.exists() else ""
@@ -115,10 +142,18 @@ class EgressdServer:
         finally:
             self.kill()
             run(["nft", "delete", "table", "inet", self.table], check=False)
+            self._remove_links_left()
             if not os.environ.get("EGT_KEEP"):
                 for f in self.data_dir.iterdir():
                     f.unlink()
                 self.data_dir.rmdir()
+
+
+def _known_container_ids(db: Path) -> list[str]:
+    if not db.exists():
+        return []
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return [row[0] for row in conn.execute("select id from containers")]
 
 
 def link_state(ns: Netns) -> dict[str, Any]:
@@ -137,6 +172,29 @@ def link_state(ns: Netns) -> dict[str, Any]:
         "routes4": j("-4", "route", "show", "table", "all"),
         "routes6": j("-6", "route", "show", "table", "all"),
     }
+
+
+def enforce(
+    server: EgressdServer, container: DirectContainer, data: dict[str, Any]
+) -> tuple[str, dict[str, Any]]:
+    """Register ``container``, PATCH ``data``, start; returns (id, start answer)."""
+    with server.client() as c:
+        cid = str(c.containers.create(ref=container.ns.name)["id"])
+        c.containers.update_network_config(id=cid, data=data)
+        return cid, c.containers.start_network(id=cid)
+
+
+def wait_status(server: EgressdServer, cid: str, want: str, timeout: float = 20) -> dict[str, Any]:
+    """Poll GET until ``status`` is ``want`` (AssertionError after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    with server.client() as c:
+        while True:
+            got = c.containers.get_network_config(id=cid)
+            if got["status"] == want:
+                return got
+            if time.monotonic() > deadline:
+                raise AssertionError(f"status {got['status']!r}, wanted {want!r}: {got}")
+            time.sleep(0.2)
 
 
 class DirectContainer:

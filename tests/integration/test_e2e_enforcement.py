@@ -12,7 +12,6 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -20,8 +19,10 @@ from tests.integration.dns_peer import TEST_ANSWER, Capture, Dnsmasq, resolve_in
 from tests.integration.egressd_proc import (
     DirectContainer,
     EgressdServer,
+    enforce,
     send_udp,
     udp_sink,
+    wait_status,
 )
 from tests.integration.peers import Dante, RemoteHttpServer, UpstreamWorld
 
@@ -30,27 +31,6 @@ from tests.integration.peers import Dante, RemoteHttpServer, UpstreamWorld
 def container(upstream_world: UpstreamWorld) -> Iterator[DirectContainer]:
     with DirectContainer(upstream_world) as c:
         yield c
-
-
-def enforce(
-    server: EgressdServer, container: DirectContainer, data: dict[str, Any]
-) -> tuple[str, dict[str, Any]]:
-    with server.client() as c:
-        cid = str(c.containers.create(ref=container.ns.name)["id"])
-        c.containers.update_network_config(id=cid, data=data)
-        return cid, c.containers.start_network(id=cid)
-
-
-def wait_status(server: EgressdServer, cid: str, want: str, timeout: float = 15) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    with server.client() as c:
-        while True:
-            got = c.containers.get_network_config(id=cid)
-            if got["status"] == want:
-                return got
-            if time.monotonic() > deadline:
-                raise AssertionError(f"status {got['status']!r}, wanted {want!r}: {got}")
-            time.sleep(0.2)
 
 
 UPSTREAMS = {

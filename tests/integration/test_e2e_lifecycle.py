@@ -18,7 +18,7 @@ import pytest
 
 from egressd import dataplane
 from egressd.model import Allocation
-from tests.integration.egressd_proc import DirectContainer, EgressdServer
+from tests.integration.egressd_proc import DirectContainer, EgressdServer, enforce, wait_status
 from tests.integration.peers import Dante, RemoteHttpServer, UpstreamWorld, run
 
 
@@ -30,26 +30,12 @@ def two_containers(
         yield a, b
 
 
-def enforce(server: EgressdServer, container: DirectContainer, proxy: str, dns: str) -> str:
-    with server.client() as c:
-        cid = str(c.containers.create(ref=container.ns.name)["id"])
-        c.containers.update_network_config(
-            id=cid, data={"type": "socks5", "proxy": proxy, "dns_servers": [dns]}
-        )
-        assert c.containers.start_network(id=cid)["status"] == "running"
-        return cid
-
-
-def wait_status(server: EgressdServer, cid: str, want: str, timeout: float = 20) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    with server.client() as c:
-        while True:
-            got = c.containers.get_network_config(id=cid)
-            if got["status"] == want:
-                return got
-            if time.monotonic() > deadline:
-                raise AssertionError(f"status {got['status']!r}, wanted {want!r}: {got}")
-            time.sleep(0.2)
+def start_socks5(server: EgressdServer, container: DirectContainer, proxy: str, dns: str) -> str:
+    cid, started = enforce(
+        server, container, {"type": "socks5", "proxy": proxy, "dns_servers": [dns]}
+    )
+    assert started["status"] == "running"
+    return cid
 
 
 def strip_handles(value: Any) -> Any:
@@ -60,7 +46,7 @@ def strip_handles(value: Any) -> Any:
     return value
 
 
-def ruleset(server: EgressdServer, *containers: DirectContainer) -> Any:
+def ruleset(server: EgressdServer, cids: list[str], *containers: DirectContainer) -> Any:
     host = json.loads(run(["nft", "-j", "list", "table", "inet", server.table]).stdout)
     walls = [
         json.loads(container.ns.run(["nft", "-j", "list", "table", "inet", server.table]).stdout)
@@ -70,7 +56,7 @@ def ruleset(server: EgressdServer, *containers: DirectContainer) -> Any:
     ours = sorted(
         (link["ifname"], [a["local"] for a in link.get("addr_info", [])])
         for link in links
-        if link["ifname"].startswith(("br-", "ve-"))
+        if link["ifname"][3:] in {cid[:12] for cid in cids}
     )
     return strip_handles({"host": host, "walls": walls, "links": ours})
 
@@ -86,9 +72,9 @@ def test_restart_keeps_fail_closed_and_adopts_without_duplicates(
     a, b = two_containers
     url = f"http://{upstream_world.remote_ip}/"
     with EgressdServer() as server:
-        cid_a = enforce(server, a, dante.url, upstream_world.remote_ip)
-        cid_b = enforce(server, b, dante.url, upstream_world.remote_ip)
-        before = ruleset(server, a, b)
+        cid_a = start_socks5(server, a, dante.url, upstream_world.remote_ip)
+        cid_b = start_socks5(server, b, dante.url, upstream_world.remote_ip)
+        before = ruleset(server, [cid_a, cid_b], a, b)
         long = subprocess.Popen(
             a.ns.argv(["curl", "-sS", "--max-time", "30", "--limit-rate", "500K", "-o", "/dev/null",
                        f"http://{upstream_world.remote_ip}/bytes/20000000"]),
@@ -98,7 +84,7 @@ def test_restart_keeps_fail_closed_and_adopts_without_duplicates(
             dante.wait_log(upstream_world.remote_ip)
             server.kill(sig)
             # Down: the walls stay, nothing gets out, nothing goes direct.
-            assert ruleset(server, a, b) == before
+            assert ruleset(server, [cid_a, cid_b], a, b) == before
             assert b.curl(url).returncode != 0
             assert a.curl(url).returncode != 0
             long.wait(timeout=40)
@@ -112,11 +98,17 @@ def test_restart_keeps_fail_closed_and_adopts_without_duplicates(
         server.start()
         wait_status(server, cid_a, "running")
         wait_status(server, cid_b, "running")
+        # The stored status still says running from before the crash; traffic
+        # resumes on new connections once the agent has reopened the listeners.
         for container in (a, b):
-            r = container.curl(url)
-            assert r.returncode == 0, r.stderr
+            deadline = time.monotonic() + 20
+            while (r := container.curl(url)).returncode != 0:
+                assert time.monotonic() < deadline, r.stderr
+                time.sleep(0.2)
         assert remote_http.peers()[seen:] == [upstream_world.proxy_egress_ip] * 2
-        assert ruleset(server, a, b) == before  # adopted: nothing duplicated, nothing moved
+        assert (
+            ruleset(server, [cid_a, cid_b], a, b) == before
+        )  # adopted: nothing duplicated, nothing moved
 
 
 def test_namespace_removal_and_return(
@@ -125,29 +117,26 @@ def test_namespace_removal_and_return(
     remote_http: RemoteHttpServer,
 ) -> None:
     url = f"http://{upstream_world.remote_ip}/"
-    with EgressdServer(resync_interval=1) as server:
-        container = DirectContainer(upstream_world).__enter__()
+    with EgressdServer(resync_interval=1) as server, DirectContainer(upstream_world) as container:
+        cid = start_socks5(server, container, dante.url, upstream_world.remote_ip)
+        bridge = f"br-{cid[:12]}"
+        run(["ip", "netns", "delete", container.ns.name])
         try:
-            cid = enforce(server, container, dante.url, upstream_world.remote_ip)
-            bridge = f"br-{cid[:12]}"
-            run(["ip", "netns", "delete", container.ns.name])
             got = wait_status(server, cid, "error")
-            assert "not found" in got["status_reason"]
+            assert container.ns.name in got["status_reason"]
             deadline = time.monotonic() + 10
             while run(["ip", "link", "show", bridge], check=False).returncode == 0:
                 assert time.monotonic() < deadline, "bridge of a lost container left behind"
                 time.sleep(0.2)
             assert f"c-{cid}-" not in run(["nft", "list", "table", "inet", server.table]).stdout
         finally:
+            # The container comes back (and the fixture has a namespace to delete).
             run(["ip", "netns", "add", container.ns.name], check=False)
-        try:
-            run(["ip", "-n", container.ns.name, "link", "set", "lo", "up"])
-            wait_status(server, cid, "running")
-            r = container.curl(url)
-            assert r.returncode == 0, r.stderr
-            assert remote_http.peers() == [upstream_world.proxy_egress_ip]
-        finally:
-            container.__exit__(None, None, None)
+        run(["ip", "-n", container.ns.name, "link", "set", "lo", "up"])
+        wait_status(server, cid, "running")
+        r = container.curl(url)
+        assert r.returncode == 0, r.stderr
+        assert remote_http.peers() == [upstream_world.proxy_egress_ip]
 
 
 def test_garbage_collection_of_untracked_kernel_objects(upstream_world: UpstreamWorld) -> None:
