@@ -14,6 +14,8 @@ import socket
 from collections.abc import Iterable
 from typing import Any
 
+from pyroute2.netlink.exceptions import NetlinkError
+
 from egressd.dataplane._kernel_errors import kernel_errors
 from egressd.dataplane.names import validate_ifname
 from egressd.dataplane.netns import run_in_netns
@@ -23,12 +25,19 @@ IFF_UP = 0x1
 
 
 def get_link(ipr: Any, name: str) -> Any | None:
-    """The link message of ``name``, or None."""
-    with kernel_errors(f"look up link {name}"):
-        indexes = ipr.link_lookup(ifname=validate_ifname(name))
-        if not indexes:
+    """The link message of ``name``, or None.
+
+    A GET by name, answered by the kernel for that one link: ``link_lookup``
+    would dump and decode every link of the namespace, which with a bridge
+    and a veth per container made each lookup O(containers).
+    """
+    validate_ifname(name)
+    try:
+        links = ipr.link("get", ifname=name)
+    except NetlinkError as exc:
+        if exc.code == errno.ENODEV:
             return None
-        links = ipr.link("get", index=indexes[0])
+        raise KernelError(f"look up link {name}: {exc}", errno=exc.code) from exc
     return links[0] if links else None
 
 
