@@ -523,3 +523,30 @@ def test_resync_adopts_what_is_in_place_and_repairs_drift(api: Api) -> None:
     api.agent.reconcile_all()
     assert api.dataplane.calls.count(f"proxy {cid}") == applies + 1
     assert api.dataplane.enforced[cid] == "proxy"
+
+
+def test_ids_sharing_a_bridge_name_get_a_clear_409(api: Api) -> None:
+    h = api.h(api.admin)
+    first, second = "abcdef012345" + "0" * 12, "abcdef012345" + "1" * 12
+    for cid in (first, second):
+        assert (
+            api.client.post(
+                "/api/v1/containers", json={"ref": "n", "id": cid}, headers=h
+            ).status_code
+            == 201
+        )
+    assert (
+        api.client.patch(f"/api/v1/containers/{first}/network", json=GOOD, headers=h).status_code
+        == 200
+    )
+    r = api.client.patch(f"/api/v1/containers/{second}/network", json=GOOD, headers=h)
+    assert r.status_code == 409
+    assert r.json()["error"] == "Conflict"
+    assert "already uses bridge br-abcdef012345" in r.json()["message"]
+    # nothing half-applied: the second container stays unconfigured
+    assert (
+        api.client.get(f"/api/v1/containers/{second}/network", headers=h).json()["data"][
+            "configured"
+        ]
+        is False
+    )

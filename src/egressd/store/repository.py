@@ -297,6 +297,19 @@ class Store:
         prefix: int,
         port: int,
     ) -> AllocationRow:
+        bridge = bridge_name_for(container.id)
+        holder = s.scalar(
+            select(AllocationRow.container_id).where(
+                AllocationRow.node == container.node, AllocationRow.bridge_name == bridge
+            )
+        )
+        if holder is not None:
+            # Bridge names keep 12 hex of the id (IFNAMSIZ): ids that share
+            # them cannot both be enforced on one node.
+            raise Conflict(
+                f"Container {holder} on node '{container.node}' already uses bridge {bridge} "
+                "(container ids share their first 12 hex digits)"
+            )
         taken = set(
             s.scalars(select(AllocationRow.subnet).where(AllocationRow.node == container.node))
         )
