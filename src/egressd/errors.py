@@ -3,8 +3,6 @@
     EgressdError                      base of everything we raise on purpose
     ├── InvalidInput                  a user string or body failed validation (API: 400)
     ├── NotFound                      a container / config does not exist (API: 404)
-    ├── PermissionDenied              caller may not touch this object (API: 403)
-    ├── AuthenticationRequired        no or bad credentials (API: 401)
     ├── Conflict                      request clashes with current state (API: 409)
     ├── AllocationExhausted           the subnet pool has no free block
     ├── KernelError                   a netlink / nftables operation failed; keeps errno
@@ -14,7 +12,8 @@
         ├── UpstreamAuthFailed        the proxy rejected our credentials (permanent)
         └── UpstreamProtocolError     the proxy answered something we cannot use
 
-API errors are mapped from this tree in one place: ``egressd.api.errors``.
+The API maps this tree to its envelopes in ``egressd.api.envelopes`` (and,
+where the spec wants an endpoint's own message, in the route).
 ``temporary`` tells a retry loop whether trying again can help.
 """
 
@@ -32,14 +31,6 @@ class InvalidInput(EgressdError):
 
 
 class NotFound(EgressdError):
-    pass
-
-
-class PermissionDenied(EgressdError):
-    pass
-
-
-class AuthenticationRequired(EgressdError):
     pass
 
 

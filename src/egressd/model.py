@@ -13,7 +13,7 @@ import ipaddress
 import re
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 from egressd.errors import InvalidInput
 
@@ -136,17 +136,6 @@ class ProxySpec:
         """The URL without userinfo: safe to show and to log."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.scheme.value}://{host}:{self.port}"
-
-    @property
-    def secret_url(self) -> str:
-        """The URL with userinfo, for storage only."""
-        if not self.has_credentials:
-            return self.endpoint_url
-        userinfo = quote(self.username or "", safe="")
-        if self.password is not None:
-            userinfo += ":" + quote(self.password, safe="")
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme.value}://{userinfo}@{host}:{self.port}"
 
     def same_endpoint(self, other: ProxySpec) -> bool:
         return (self.scheme, self.host, self.port) == (other.scheme, other.host, other.port)

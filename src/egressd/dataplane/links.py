@@ -132,20 +132,6 @@ def disable_ipv6(ifname: str, *, netns_path: str | None = None) -> None:
             run_in_netns(netns_path, write)
 
 
-def ipv6_disabled(ifname: str, *, netns_path: str | None = None) -> bool:
-    path = f"/proc/sys/net/ipv6/conf/{validate_ifname(ifname)}/disable_ipv6"
-
-    def read() -> bool:
-        try:
-            with open(path) as f:
-                return f.read().strip() == "1"
-        except FileNotFoundError:
-            return True
-
-    with kernel_errors(f"read IPv6 state of {ifname}"):
-        return read() if netns_path is None else run_in_netns(netns_path, read)
-
-
 def ipv4_addresses(ipr: Any, index: int) -> set[ipaddress.IPv4Interface]:
     with kernel_errors(f"list addresses of link {index}"):
         messages = ipr.addr("dump", family=socket.AF_INET, index=index)

@@ -12,7 +12,7 @@ import hashlib
 import hmac
 import ipaddress
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
@@ -404,7 +404,3 @@ class Store:
     def get_node(self, node: str) -> NodeView | None:
         with self._tx() as s:
             return nodes.get_node(s, node)
-
-    def container_ids(self, ids: Sequence[str]) -> set[str]:
-        with self._tx() as s:
-            return set(s.scalars(select(Container.id).where(Container.id.in_(list(ids)))))
