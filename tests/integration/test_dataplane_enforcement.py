@@ -45,6 +45,7 @@ from egressd.dataplane import (
 from egressd.dataplane.netns import run_in_netns
 from egressd.dataplane.nft_apply import apply_script, list_table
 from egressd.dataplane.nft_render import render_container_host_rules
+from egressd.dataplane.rtnl_read import DefaultRoute, RtnlReader
 from egressd.errors import KernelError
 from egressd.model import Allocation, bridge_name_for, host_veth_name_for
 
@@ -637,3 +638,20 @@ def test_host_wall_holds_without_the_container_wall(world: World) -> None:
         assert "drop" in counters
     finally:
         udp_sink.close()
+
+
+def test_rtnl_reader_agrees_with_iproute2(world: World) -> None:
+    """The lean reader the agent inspects with sees what `ip` sees, in the container's netns."""
+    sh("ip", "-n", world.ns, "addr", "add", "198.51.100.7/28", "dev", "eth0")
+    with run_in_netns(world.path, RtnlReader.open) as reader:
+        eth0 = reader.link("eth0")
+        assert reader.link("no-such-link") is None
+        assert eth0 is not None and eth0.kind == "veth" and eth0.is_up
+        (shown,) = ip_json(world.ns, "link", "show", "dev", "eth0")
+        assert eth0.index == shown["ifindex"] and eth0.name == "eth0"
+        assert {str(a) for a in reader.ipv4_addresses(eth0.index)} == {
+            "192.0.2.10/24",
+            "198.51.100.7/28",
+        }
+        assert reader.ipv4_addresses(1) == {ipaddress.IPv4Interface("127.0.0.1/8")}
+        assert reader.default_routes() == [DefaultRoute("192.0.2.1", eth0.index)]

@@ -37,6 +37,8 @@ T = TypeVar("T")
 CLONE_NEWNET = 0x40000000
 NS_GET_NSTYPE = 0xB703  # ioctl on an nsfs file: which kind of namespace (Linux 4.11+)
 NETLINK_ROUTE = 0
+SOL_NETLINK = 270
+NETLINK_GET_STRICT_CHK = 12  # Linux 4.20+: dump requests are filtered by their header
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -120,17 +122,23 @@ def run_in_netns(path: str, func: Callable[[], T]) -> T:
 
 @contextlib.contextmanager
 def iproute(netns_path: str | None = None) -> Iterator[Any]:
-    """A pyroute2 ``IPRoute`` in the host namespace or in ``netns_path``."""
+    """A pyroute2 ``IPRoute`` in the host namespace or in ``netns_path``.
+
+    Strict checking is on, so dumps can be filtered by the kernel (see
+    :func:`egressd.dataplane.links.ipv4_addresses`).
+    """
     with kernel_errors(f"open netlink in {netns_path or 'host netns'}"):
         if netns_path is None:
-            ipr = IPRoute()
+            ipr = IPRoute(strict_check=True)
         else:
             sock = run_in_netns(
                 netns_path,
                 lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_ROUTE),
             )
             try:
-                ipr = IPRoute(use_socket=sock)
+                # pyroute2 sets its socket options only on sockets it opens.
+                sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
+                ipr = IPRoute(use_socket=sock, strict_check=True)
             except BaseException:
                 sock.close()
                 raise

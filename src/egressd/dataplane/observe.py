@@ -1,15 +1,18 @@
 """What is really in the kernel for one container, for the reconciler to compare.
 
 Read-only: nothing here changes kernel state. Same concurrency model as
-:mod:`egressd.dataplane.enforcement`.
+:mod:`egressd.dataplane.enforcement`. Reads go through the lean
+:mod:`egressd.dataplane.rtnl_read` and in-process libnftables: the agent
+inspects every container on each resync.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
-from egressd.dataplane import links, routes
 from egressd.dataplane.enforcement import read_host_table
 from egressd.dataplane.names import (
     CONTAINER_IFNAME,
@@ -20,9 +23,10 @@ from egressd.dataplane.names import (
     validate_netns_path,
     validate_table,
 )
-from egressd.dataplane.netns import NetnsGone, iproute, netns_exists
+from egressd.dataplane.netns import NetnsGone, netns_exists, run_in_netns
 from egressd.dataplane.nft_apply import list_table
 from egressd.dataplane.nft_render import HostTableState, WallKind, parse_wall
+from egressd.dataplane.rtnl_read import RtnlReader
 from egressd.model import Allocation, bridge_name_for, host_veth_name_for
 
 
@@ -80,6 +84,20 @@ def _interfaces(allocation: Allocation, *hosts: ipaddress.IPv4Address) -> set[st
     return {f"{ip}/{allocation.prefixlen}" for ip in hosts}
 
 
+def _open_in_container(table: str) -> tuple[RtnlReader, dict[str, Any] | None]:
+    """Run inside the container's namespace: a netlink reader there, and its wall.
+
+    One thread enters the namespace for both (the reader's socket stays in
+    it after the thread ends).
+    """
+    reader = RtnlReader.open()
+    try:
+        return reader, list_table(table)
+    except BaseException:
+        reader.close()
+        raise
+
+
 def inspect_container(
     *,
     container_id: str,
@@ -104,43 +122,40 @@ def inspect_container(
     egress0_present = egress0_ok = default_route_ok = False
     if netns_path is not None and netns_exists(validate_netns_path(netns_path)):
         try:
-            with iproute(netns_path) as ns:
-                peer = links.get_link(ns, CONTAINER_IFNAME)
+            reader, listing = run_in_netns(netns_path, partial(_open_in_container, table))
+            with reader:
+                peer = reader.link(CONTAINER_IFNAME)
                 egress0_present = peer is not None
                 if peer is not None and allocation is not None:
-                    addresses = {str(a) for a in links.ipv4_addresses(ns, links.link_index(peer))}
-                    egress0_ok = links.link_is_up(peer) and addresses == _interfaces(
+                    addresses = {str(a) for a in reader.ipv4_addresses(peer.index)}
+                    egress0_ok = peer.is_up and addresses == _interfaces(
                         allocation, allocation.container_ip
                     )
-                    default_route_ok = routes.default_route_via(
-                        ns, gateway=allocation.bridge_ip, ifname=CONTAINER_IFNAME
+                    default_route_ok = any(
+                        route.gateway == str(allocation.bridge_ip) and route.oif == peer.index
+                        for route in reader.default_routes()
                     )
-            wall = parse_wall(
-                list_table(table, netns_path=netns_path),
-                allocation=allocation,
-            )
+            wall = parse_wall(listing, allocation=allocation)
             netns_present = True
         except NetnsGone:
             wall = None
             egress0_present = egress0_ok = default_route_ok = False
 
-    with iproute() as host:
-        bridge = links.get_link(host, bridge_name)
-        bridge_present = bridge is not None and links.link_kind(bridge) == "bridge"
-        bridge_up = bridge_present and links.link_is_up(bridge)
+    with RtnlReader.open() as host:
+        bridge = host.link(bridge_name)
+        bridge_present = bridge is not None and bridge.kind == "bridge"
+        bridge_up = bridge is not None and bridge_present and bridge.is_up
         bridge_addresses: tuple[str, ...] = ()
         if bridge is not None and bridge_present:
-            bridge_addresses = tuple(
-                sorted(str(a) for a in links.ipv4_addresses(host, links.link_index(bridge)))
-            )
-        host_veth = links.get_link(host, host_veth_name_for(container_id))
+            bridge_addresses = tuple(sorted(str(a) for a in host.ipv4_addresses(bridge.index)))
+        host_veth = host.link(host_veth_name_for(container_id))
         host_veth_present = host_veth is not None
         host_veth_ok = (
             host_veth is not None
             and bridge is not None
             and bridge_present
-            and links.link_is_up(host_veth)
-            and links.link_master(host_veth) == links.link_index(bridge)
+            and host_veth.is_up
+            and host_veth.master == bridge.index
         )
 
     state = host_state if host_state is not None else read_host_table(table)

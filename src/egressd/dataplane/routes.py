@@ -305,14 +305,6 @@ def restore_routes(ipr: Any, routes: Iterable[SavedRoute]) -> list[SavedRoute]:
     return skipped
 
 
-def default_route_via(ipr: Any, *, gateway: ipaddress.IPv4Address, ifname: str) -> bool:
-    """Whether the main table has ``default via <gateway> dev <ifname>``."""
-    return any(
-        route.family == 4 and route.gateway == str(gateway) and route.ifname == ifname
-        for route in read_default_routes(ipr)
-    )
-
-
 def ensure_default_route_via(ipr: Any, *, gateway: ipaddress.IPv4Address, ifname: str) -> None:
     """Make ``default via <gateway> dev <ifname>`` the only default route (v4 and v6).
 
