@@ -19,13 +19,22 @@ class KernelDataplane:
     """Not thread-safe: used by the one reconciler thread."""
 
     def __init__(self) -> None:
+        self._in_pass = False
         self._host_state: dataplane.HostTableState | None = None
 
     def begin_pass(self, table: str) -> None:
-        self._host_state = dataplane.read_host_table(table)
+        # Read lazily, by the first inspection of the pass: a pass that only
+        # applies new containers (a start) never needs it, and the listing
+        # grows with the number of containers.
+        self._in_pass, self._host_state = True, None
 
     def end_pass(self) -> None:
-        self._host_state = None
+        self._in_pass, self._host_state = False, None
+
+    def _pass_host_state(self, table: str) -> dataplane.HostTableState | None:
+        if self._in_pass and self._host_state is None:
+            self._host_state = dataplane.read_host_table(table)
+        return self._host_state
 
     def is_enforced(
         self,
@@ -41,7 +50,7 @@ class KernelDataplane:
             netns_path=netns_path,
             allocation=allocation,
             table=table,
-            host_state=self._host_state,
+            host_state=self._pass_host_state(table),
         )
         return seen.proxy_enforced if kind == "proxy" else seen.block_enforced
 
