@@ -1,88 +1,77 @@
-"""Applying and listing nftables through libnftables, in process.
+"""Applying and listing nftables through the ``nft`` binary.
 
-libnftables (the library behind the ``nft`` command, bound by the
-``nftables`` module of pip-nftables) parses a script and commits it as one
-kernel transaction, exactly as ``nft -f`` does, without starting a process:
-a listing costs ~0.4 ms instead of ~4 ms for a fork and exec of ``nft``,
-which mattered when the agent checks a thousand containers' walls.
-
-Concurrency model: a context opens its netlink socket in the namespace of
-the thread that uses it, so each call makes a fresh context, in the
-calling thread (host) or in a thread that has entered the container's
-namespace (:func:`egressd.dataplane.netns.run_in_netns`), and frees it
-before returning. Calls are serialized by a lock: library set-up in
-libnftables (xtables, gmp) touches process-wide state. The agent calls
-from one thread anyway.
+The only place in egressd that starts a subprocess. Scripts go to
+``nft -f -`` on stdin (one script, one kernel transaction); arguments are
+fixed lists, never a shell. In a container namespace, ``nft`` is started
+from a thread that has entered it (see :mod:`egressd.dataplane.netns`), so
+no ``nsenter`` is needed.
 """
 
 from __future__ import annotations
 
 import json
-import threading
+import shutil
+import subprocess
 from typing import Any
 
 from egressd.dataplane.names import validate_table
 from egressd.dataplane.netns import run_in_netns
 from egressd.errors import KernelError
 
-LIBRARY = "libnftables.so.1"
-_lock = threading.Lock()
-
-
-def _context(*, json_output: bool) -> Any:
-    import nftables  # the C library loads on first use, not at import of egressd
-
-    try:
-        ctx = nftables.Nftables(sofile=LIBRARY)
-    except OSError as exc:
-        raise KernelError(f"cannot load {LIBRARY}: {exc}") from None
-    ctx.set_json_output(json_output)
-    return ctx
+NFT_TIMEOUT_S = 30.0
 
 
 def nft_available() -> bool:
+    return shutil.which("nft") is not None
+
+
+def _nft(args: list[str], *, stdin: str | None, netns_path: str | None) -> str:
+    binary = shutil.which("nft")
+    if binary is None:
+        raise KernelError("nft binary not found in PATH")
+    argv = [binary, *args]
+
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            argv,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=NFT_TIMEOUT_S,
+            check=False,
+        )
+
     try:
-        with _lock:
-            _context(json_output=False)
-    except KernelError:
-        return False
-    return True
-
-
-def _nft(command: str, *, json_output: bool, netns_path: str | None) -> tuple[int, str, str]:
-    def run() -> tuple[int, str, str]:
-        with _lock:
-            ctx = _context(json_output=json_output)
-            try:
-                rc, out, err = ctx.cmd(command)
-            finally:
-                del ctx  # frees the context and closes its netlink socket here
-            return int(rc), str(out), str(err)
-
-    return run() if netns_path is None else run_in_netns(netns_path, run)
-
-
-def _failure(what: str, err: str, netns_path: str | None) -> KernelError:
-    where = f" in {netns_path}" if netns_path else ""
-    return KernelError(f"nft {what}{where} failed: {err.strip()}")
+        proc = run() if netns_path is None else run_in_netns(netns_path, run)
+    except subprocess.TimeoutExpired:
+        raise KernelError(f"nft {' '.join(args)}: timed out") from None
+    except OSError as exc:
+        raise KernelError(f"nft {' '.join(args)}: {exc.strerror}", errno=exc.errno) from None
+    if proc.returncode != 0:
+        where = f" in {netns_path}" if netns_path else ""
+        raise KernelError(f"nft {' '.join(args)}{where} failed: {proc.stderr.strip()}")
+    return proc.stdout
 
 
 def apply_script(script: str, *, netns_path: str | None = None) -> None:
     """Commit ``script`` as one transaction (nothing to do for an empty one)."""
-    if not script.strip():
-        return
-    rc, _, err = _nft(script, json_output=False, netns_path=netns_path)
-    if rc != 0:
-        raise _failure("-f", err, netns_path)
+    if script.strip():
+        _nft(["-f", "-"], stdin=script, netns_path=netns_path)
+
+
+def table_exists(table: str, *, netns_path: str | None = None) -> bool:
+    listing = json.loads(_nft(["-j", "list", "tables", "inet"], stdin=None, netns_path=netns_path))
+    return any(
+        item.get("table", {}).get("name") == table and item["table"].get("family") == "inet"
+        for item in listing.get("nftables", [])
+    )
 
 
 def list_table(table: str, *, netns_path: str | None = None) -> dict[str, Any] | None:
     """``nft -j list table inet <table>`` parsed, or None when there is no such table."""
     validate_table(table)
-    rc, out, err = _nft(f"list table inet {table}", json_output=True, netns_path=netns_path)
-    if rc != 0:
-        if "No such file or directory" in err:
-            return None
-        raise _failure(f"list table inet {table}", err, netns_path)
+    if not table_exists(table, netns_path=netns_path):
+        return None
+    out = _nft(["-j", "list", "table", "inet", table], stdin=None, netns_path=netns_path)
     listing: dict[str, Any] = json.loads(out)
     return listing
