@@ -20,6 +20,7 @@ import errno
 import ipaddress
 import json
 import os
+import resource
 import secrets
 import socket
 import struct
@@ -655,3 +656,33 @@ def test_rtnl_reader_agrees_with_iproute2(world: World) -> None:
         }
         assert reader.ipv4_addresses(1) == {ipaddress.IPv4Interface("127.0.0.1/8")}
         assert reader.default_routes() == [DefaultRoute("192.0.2.1", eth0.index)]
+
+
+def test_works_in_a_process_holding_more_than_1024_fds(world: World) -> None:
+    """The daemon holds sockets for hundreds of containers: no kernel path may assume small fds.
+
+    (libnftables 1.0.6 select()s on its socket and glibc aborts the process
+    once that fd is >= FD_SETSIZE: seen at ~330 containers in the benchmark.)
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 1200:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < 1200")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    fillers: list[int] = []
+    try:
+        while len(fillers) < 1100:
+            fillers.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+        assert fillers[-1] >= 1024
+        world.apply()
+        seen = inspect_container(
+            container_id=world.container_id,
+            netns_path=world.path,
+            allocation=world.allocation,
+            table=world.table,
+        )
+        assert seen.proxy_enforced
+        assert list_table(world.table, netns_path=world.path) is not None
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
