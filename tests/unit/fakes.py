@@ -81,6 +81,7 @@ class FakeRelay:
         self.dns: dict[str, tuple[str, ...]] = {}
         self.reachable = True
         self.error = "connection refused"
+        self.probed: list[ProxySpec] = []
 
     async def ensure_listener(
         self,
@@ -101,6 +102,7 @@ class FakeRelay:
         return set(self.listeners)
 
     async def probe(self, spec: ProxySpec, *, timeout: float) -> dict[str, Any]:
+        self.probed.append(spec)
         return {
             "reachable": self.reachable,
             "latency_ms": 1.0 if self.reachable else None,

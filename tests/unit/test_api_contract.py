@@ -462,6 +462,25 @@ def test_live_status_follows_upstream_health(api: Api) -> None:
     assert data["status_reason"] is None
 
 
+def test_one_probe_per_shared_upstream(api: Api) -> None:
+    """A probe round probes each distinct upstream once, and updates every container of it."""
+    h = api.h(api.alice)
+    other = {**GOOD, "proxy": GOOD["proxy"].replace(":1080", ":1081")}
+    cids = [api.container() for _ in range(4)]
+    for cid, body in zip(cids, [GOOD, GOOD, GOOD, other], strict=True):
+        base = f"/api/v1/containers/{cid}/network"
+        api.client.patch(base, json=body, headers=h)
+        assert api.client.post(base + "/start", headers=h).status_code == 200
+    api.agent.stop()  # no probe rounds of its own from here: the next one is ours
+    api.relay.probed.clear()
+    api.relay.reachable = False
+    api.agent.probe_all()
+    assert sorted(spec.port for spec in api.relay.probed) == [1080, 1081]
+    for cid in cids:
+        data = api.client.get(f"/api/v1/containers/{cid}/network", headers=h).json()["data"]
+        assert data["status"] == "error" and data["remote_status"]["upstream"]["reachable"] is False
+
+
 def test_namespace_lost_is_an_error_and_recovers(api: Api) -> None:
     import time
 

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from egressd.agent.plan import Step, applied_type, plan
 from egressd.agent.ports import Dataplane, RelayPort
 from egressd.errors import EgressdError, NotFound, RuntimeLookupError
-from egressd.model import Allocation, DesiredState, Status
+from egressd.model import Allocation, DesiredState, ProxySpec, Status
 from egressd.runtimes import resolve_netns
 from egressd.settings import Settings
 from egressd.store import NetworkView, Store
@@ -181,20 +181,34 @@ class Agent:
         if not targets:
             return
 
+        # One probe per distinct upstream (endpoint and credentials), however
+        # many containers share it: hundreds of containers behind one proxy
+        # must not mean hundreds of handshakes every round.
+        specs: list[ProxySpec] = []
+        for view in targets:
+            assert view.desired is not None and view.desired.config.proxy is not None
+            specs.append(view.desired.config.proxy)
+        specs = list(dict.fromkeys(specs))
+
         async def probe_many() -> list[dict[str, Any]]:
             limit = asyncio.Semaphore(64)
 
-            async def one(view: NetworkView) -> dict[str, Any]:
-                assert view.desired is not None and view.desired.config.proxy is not None
+            async def one(spec: ProxySpec) -> dict[str, Any]:
                 async with limit:
-                    return await self.relay.probe(
-                        view.desired.config.proxy, timeout=self.settings.upstream_timeout
-                    )
+                    return await self.relay.probe(spec, timeout=self.settings.upstream_timeout)
 
-            return await asyncio.gather(*(one(v) for v in targets))
+            return await asyncio.gather(*(one(spec) for spec in specs))
 
-        results = self._on_loop(probe_many(), timeout=self.settings.upstream_timeout * 4 + 30)
-        for view, upstream in zip(targets, results, strict=True):
+        results = dict(
+            zip(
+                specs,
+                self._on_loop(probe_many(), timeout=self.settings.upstream_timeout * 4 + 30),
+                strict=True,
+            )
+        )
+        for view in targets:
+            assert view.desired is not None and view.desired.config.proxy is not None
+            upstream = dict(results[view.desired.config.proxy])
             p = _Pass(
                 view=view,
                 generation=view.desired.generation if view.desired else 0,
