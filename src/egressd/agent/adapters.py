@@ -21,19 +21,27 @@ class KernelDataplane:
     def __init__(self) -> None:
         self._in_pass = False
         self._host_state: dataplane.HostTableState | None = None
+        # Containers whose host rules we changed since the snapshot was read.
+        self._touched: set[str] = set()
 
     def begin_pass(self, table: str) -> None:
         # Read lazily, by the first inspection of the pass: a pass that only
         # applies new containers (a start) never needs it, and the listing
         # grows with the number of containers.
         self._in_pass, self._host_state = True, None
+        self._touched.clear()
 
     def end_pass(self) -> None:
         self._in_pass, self._host_state = False, None
+        self._touched.clear()
 
-    def _pass_host_state(self, table: str) -> dataplane.HostTableState | None:
-        if self._in_pass and self._host_state is None:
+    def _pass_host_state(self, table: str, container_id: str) -> dataplane.HostTableState | None:
+        """The pass's snapshot of the host table, read again only if it is stale for this one."""
+        if not self._in_pass:
+            return None
+        if self._host_state is None or container_id in self._touched:
             self._host_state = dataplane.read_host_table(table)
+            self._touched.clear()
         return self._host_state
 
     def is_enforced(
@@ -50,7 +58,7 @@ class KernelDataplane:
             netns_path=netns_path,
             allocation=allocation,
             table=table,
-            host_state=self._pass_host_state(table),
+            host_state=self._pass_host_state(table, container_id),
         )
         return seen.proxy_enforced if kind == "proxy" else seen.block_enforced
 
@@ -72,6 +80,7 @@ class KernelDataplane:
         saved_routes: list[dict[str, Any]] | None,
         table: str,
     ) -> list[dict[str, Any]]:
+        self._touched.add(container_id)
         saved = (
             [dataplane.SavedRoute.from_dict(r) for r in saved_routes]
             if saved_routes is not None
@@ -100,6 +109,7 @@ class KernelDataplane:
         saved_routes: list[dict[str, Any]],
         table: str,
     ) -> None:
+        self._touched.add(container_id)
         dataplane.remove_enforcement(
             container_id=container_id,
             netns_path=netns_path,

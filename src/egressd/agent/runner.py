@@ -247,11 +247,12 @@ class Agent:
             if self._stopping.is_set():
                 return
             if full and self.wakeups.work_pending():
-                # A start/stop came in during a long resync: serve it first.
-                self.dataplane.end_pass()
+                # A start/stop came in during a long resync: serve it first,
+                # within the same pass (the dataplane's host-table snapshot
+                # stays valid: it knows which containers it changed).
                 self.wakeups.wait_for_work(0)  # consume the wake-up
-                self.reconcile_all(only_pending=True)
-                self.dataplane.begin_pass(self.settings.nft_table)
+                pending = self.store.list_networks(node=self.settings.node, only_pending=True)
+                self._reconcile_views(pending, full=False)
             try:
                 # Fresh: the API may have changed it since the list was read,
                 # and acting on a stale desired state could undo a newer one.
