@@ -9,6 +9,7 @@ from egressd.agent.runner import _pending
 from egressd.daemon import open_store
 from egressd.model import DesiredState, NetworkConfig, NetworkType, Status
 from egressd.settings import Settings
+from egressd.store.repository import Observation
 
 
 def test_only_pending_matches_the_agents_rule(tmp_path: Path) -> None:
@@ -38,4 +39,30 @@ def test_only_pending_matches_the_agents_rule(tmp_path: Path) -> None:
     expected = sorted(v.container.id for v in everything if _pending(v))
     got = sorted(v.container.id for v in store.list_networks(node="local", only_pending=True))
     assert got == expected == sorted([ids[0], ids[2], ids[3], ids[5]])
+    store.engine.dispose()
+
+
+def test_observations_of_a_round_are_written_together(tmp_path: Path) -> None:
+    """New rows, updated rows and deleted containers, across more ids than one IN list holds."""
+    store = open_store(Settings(data_dir=tmp_path))
+    ids = [store.create_container(container_id=None, name=None, owner=None, runtime="netns",
+                                  ref=f"n{i}").id for i in range(1203)]  # fmt: skip
+    store.record_observed(
+        ids[0], status=Status.STOPPED, reason=None, is_running=False,
+        observed_generation=1, applied={"type": "block"},
+    )  # fmt: skip
+    store.delete_container(ids[1])
+    upstream = {"reachable": False, "last_error": "refused"}
+    store.record_observations(
+        [
+            Observation(cid, status=Status.ERROR, reason="down", is_running=True,
+                        observed_generation=7, applied=None, upstream=upstream)
+            for cid in ids
+        ]
+    )  # fmt: skip
+    seen = {cid: store.get_network(cid).observed for cid in (ids[0], ids[2], ids[-1])}
+    for observed in seen.values():
+        assert observed is not None and observed.status is Status.ERROR
+        assert observed.observed_generation == 7 and observed.upstream == upstream
+    assert ids[1] not in {c.id for c in store.list_containers()}
     store.engine.dispose()

@@ -31,6 +31,7 @@ from egressd.model import Allocation, DesiredState, ProxySpec, Status
 from egressd.runtimes import resolve_netns
 from egressd.settings import Settings
 from egressd.store import NetworkView, Store
+from egressd.store.repository import Observation
 from egressd.store.wakeups import Wakeups
 
 log = logging.getLogger(__name__)
@@ -206,26 +207,33 @@ class Agent:
                 strict=True,
             )
         )
+        observations: list[Observation] = []
         for view in targets:
             assert view.desired is not None and view.desired.config.proxy is not None
+            assert view.observed is not None
             upstream = dict(results[view.desired.config.proxy])
-            p = _Pass(
-                view=view,
-                generation=view.desired.generation if view.desired else 0,
-                netns_path=None,
-            )
-            p.upstream = upstream
             healthy = bool(upstream.get("reachable")) and not upstream.get("last_error")
-            was = view.observed.status if view.observed else None
-            if healthy:
-                self._record(p, Status.RUNNING, None, True)
-                if was is Status.ERROR:
-                    log.info("container %s: upstream recovered", view.container.id)
-            else:
-                reason = f"upstream proxy check failed: {upstream.get('last_error')}"
-                self._record(p, Status.ERROR, reason, True)
-                if was is not Status.ERROR:
-                    log.warning("container %s: %s", view.container.id, reason)
+            reason = (
+                None if healthy else f"upstream proxy check failed: {upstream.get('last_error')}"
+            )
+            was = view.observed.status
+            if healthy and was is Status.ERROR:
+                log.info("container %s: upstream recovered", view.container.id)
+            elif not healthy and was is not Status.ERROR:
+                log.warning("container %s: %s", view.container.id, reason)
+            observations.append(
+                Observation(
+                    view.container.id,
+                    status=Status.RUNNING if healthy else Status.ERROR,
+                    reason=reason,
+                    is_running=True,
+                    observed_generation=view.desired.generation,
+                    applied=dict(view.observed.applied) if view.observed.applied else None,
+                    upstream=upstream,
+                )
+            )
+        # One transaction for the round (see Store.record_observations).
+        self.store.record_observations(observations)
         self.wakeups.notify_observed()
 
     # -- reconcile -----------------------------------------------------------------

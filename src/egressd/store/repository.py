@@ -12,8 +12,9 @@ import hashlib
 import hmac
 import ipaddress
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -48,6 +49,23 @@ from egressd.store.views import (
     config_from_row,
     container_view_of,
 )
+
+# Ids per IN (...) list: well below SQLite's bound on parameters in one statement.
+_OBSERVATIONS_PER_QUERY = 500
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What the agent saw of one container (see :meth:`Store.record_observations`)."""
+
+    container_id: str
+    status: Status
+    reason: str | None
+    is_running: bool
+    observed_generation: int
+    applied: dict[str, Any] | None
+    upstream: dict[str, Any] | None = None
+
 
 TOKEN_PREFIX = "egd_"  # noqa: S105 - a prefix, not a secret
 
@@ -347,20 +365,54 @@ class Store:
         applied: dict[str, Any] | None,
         upstream: dict[str, Any] | None = None,
     ) -> None:
-        with self._tx() as s:
-            if s.get(Container, container_id) is None:
-                return
-            row = s.get(NetworkStatusRow, container_id)
-            if row is None:
-                row = NetworkStatusRow(container_id=container_id)
-                s.add(row)
-            row.status = status.value
-            row.reason = reason
-            row.is_running = is_running
-            row.observed_generation = observed_generation
-            row.last_check = utcnow()
-            row.applied = applied
-            row.upstream = upstream
+        self.record_observations(
+            [
+                Observation(
+                    container_id,
+                    status=status,
+                    reason=reason,
+                    is_running=is_running,
+                    observed_generation=observed_generation,
+                    applied=applied,
+                    upstream=upstream,
+                )
+            ]
+        )
+
+    def record_observations(self, observations: Sequence[Observation]) -> None:
+        """Write observed records in one transaction.
+
+        A probe round updates every running container: one commit (one
+        fsync on SQLite) for all of them, not one each, keeps the round
+        from holding up the starts and stops queued behind it.
+        Containers deleted meanwhile are skipped.
+        """
+        for first in range(0, len(observations), _OBSERVATIONS_PER_QUERY):
+            chunk = observations[first : first + _OBSERVATIONS_PER_QUERY]
+            ids = [o.container_id for o in chunk]
+            with self._tx() as s:
+                existing = set(s.scalars(select(Container.id).where(Container.id.in_(ids))))
+                rows = {
+                    row.container_id: row
+                    for row in s.scalars(
+                        select(NetworkStatusRow).where(NetworkStatusRow.container_id.in_(ids))
+                    )
+                }
+                now = utcnow()
+                for o in chunk:
+                    if o.container_id not in existing:
+                        continue
+                    row = rows.get(o.container_id)
+                    if row is None:
+                        row = rows[o.container_id] = NetworkStatusRow(container_id=o.container_id)
+                        s.add(row)
+                    row.status = o.status.value
+                    row.reason = o.reason
+                    row.is_running = o.is_running
+                    row.observed_generation = o.observed_generation
+                    row.last_check = now
+                    row.applied = o.applied
+                    row.upstream = o.upstream
 
     def forget_network(self, container_id: str, *, generation: int) -> bool:
         """Drop config, allocation and status once the agent has undone everything.
