@@ -5,6 +5,15 @@ write acknowledged to a client survives ``kill -9`` (and power loss) of the
 server. PostgreSQL is used through the same code by URL; there several
 processes (API replicas, agents) may start at once, so ``migrate`` holds a
 transaction-scoped advisory lock and the later ones find the schema current.
+
+Pools hand out the most recently returned connection first (LIFO), so a
+steady load keeps reusing a few warm connections. On SQLite the pool is as
+large as the number of threads that can hold a connection at once (FastAPI's
+thread pool, the agent's threads, the event loop): a connection beyond the
+pool would be opened, set up (PRAGMAs, schema read) and closed again for
+every use, which under load cost more than the queries themselves. The
+event loop reads SQLite directly (``Store.reads_are_local``), so it must
+never have to wait for a free connection.
 """
 
 from __future__ import annotations
@@ -22,9 +31,26 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 MIGRATION_LOCK_KEY = 0x6567_7265_7373_6400  # "egressd\0"
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+# FastAPI's thread pool (anyio's default limiter: 40 threads), the agent's and
+# heartbeat's threads, asyncio's default executor, and the event loop.
+SQLITE_POOL_SIZE = 64
+# PostgreSQL connections are server processes shared by every replica and
+# agent (max_connections): at most 24 per process, as before, but 16 of them
+# kept open so a request burst does not connect and disconnect per request.
+PG_POOL_SIZE = 16
+PG_MAX_OVERFLOW = 8
+
+
+def _sqlite_wal(dbapi_connection: Any, _record: Any) -> None:
+    """Once per engine: WAL is a property of the database file and persists in it."""
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.close()
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    """Per connection: these settings live in the connection, not in the file."""
+    cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=5000")
@@ -43,11 +69,22 @@ def make_engine(url: str) -> Engine:
     url = _with_driver(url)
     if url.startswith("sqlite"):
         engine = create_engine(
-            url, connect_args={"check_same_thread": False}, pool_size=8, max_overflow=16
+            url,
+            connect_args={"check_same_thread": False},
+            pool_size=SQLITE_POOL_SIZE,
+            max_overflow=0,
+            pool_use_lifo=True,
         )
+        event.listen(engine, "first_connect", _sqlite_wal)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=16)
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=PG_POOL_SIZE,
+        max_overflow=PG_MAX_OVERFLOW,
+        pool_use_lifo=True,
+    )
 
 
 def alembic_config(connection: Connection) -> Config:

@@ -6,6 +6,7 @@ by :func:`assemble` in one place.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 from datetime import datetime
@@ -68,18 +69,35 @@ class NetworkView:
     observed: ObservedView | None
 
 
+# Stored strings were validated when they were written; parsing them again on
+# every read is pure, and cost more than the SELECT itself (``ProxySpec.parse``
+# checks every character). Both results are immutable, so sharing them is safe;
+# the caches hold no credentials (endpoint URLs carry no userinfo).
+@functools.lru_cache(maxsize=4096)
+def _stored_endpoint(url: str, ntype: NetworkType) -> ProxySpec:
+    return ProxySpec.parse(url, expected=ntype)
+
+
+@functools.lru_cache(maxsize=4096)
+def stored_subnet(subnet: str) -> ipaddress.IPv4Network:
+    return ipaddress.IPv4Network(subnet)
+
+
+def stored_proxy(
+    ntype: NetworkType, url: str | None, username: str | None, password: str | None
+) -> ProxySpec | None:
+    """The proxy of a stored configuration: its endpoint URL (no userinfo) plus credentials."""
+    if not url:
+        return None
+    endpoint = _stored_endpoint(url, ntype)
+    return ProxySpec(
+        scheme=ntype, host=endpoint.host, port=endpoint.port, username=username, password=password
+    )
+
+
 def config_from_row(row: NetworkConfigRow) -> NetworkConfig:
     ntype = NetworkType(row.type)
-    proxy = None
-    if row.proxy_url:
-        endpoint = ProxySpec.parse(row.proxy_url, expected=ntype)
-        proxy = ProxySpec(
-            scheme=ntype,
-            host=endpoint.host,
-            port=endpoint.port,
-            username=row.proxy_username,
-            password=row.proxy_password,
-        )
+    proxy = stored_proxy(ntype, row.proxy_url, row.proxy_username, row.proxy_password)
     return NetworkConfig(
         type=ntype,
         proxy=proxy,
@@ -121,7 +139,7 @@ def assemble(
     allocation = None
     if alloc is not None:
         allocation = Allocation(
-            subnet=ipaddress.IPv4Network(alloc.subnet),
+            subnet=stored_subnet(alloc.subnet),
             bridge_name=alloc.bridge_name,
             port=alloc.port,
         )

@@ -12,6 +12,7 @@ from egressd.api.deps import (
     PrincipalDep,
     ServicesDep,
     checked_id,
+    store_read,
     visible_container,
 )
 from egressd.api.envelopes import ApiError, ok
@@ -49,11 +50,16 @@ def list_containers(principal: PrincipalDep, services: ServicesDep) -> JSONRespo
 
 
 @router.get("/{container_id}", summary="Get a container")
-def get_container(
+async def get_container(
     container_id: ContainerIdPath, principal: PrincipalDep, services: ServicesDep
 ) -> JSONResponse:
-    view = visible_container(
-        services, principal, container_id, denied="Access denied to this container"
+    view = await store_read(
+        services,
+        visible_container,
+        services,
+        principal,
+        container_id,
+        denied="Access denied to this container",
     )
     return ok("Container retrieved successfully", presenters.container(view))
 

@@ -1,9 +1,11 @@
 """The five endpoints of the Container Network API (spec), plus PUT = PATCH.
 
-Handlers are sync: FastAPI runs them in its thread pool, where waiting for
-the agent (bounded by ``settings.apply_timeout``) blocks only that thread.
-Before waiting on a node's agent they check its heartbeat: when the agent
-has stopped reporting, they answer 500 at once and change nothing.
+The handlers that write are sync: FastAPI runs them in its thread pool,
+where waiting for the agent (bounded by ``settings.apply_timeout``) blocks
+only that thread. Before waiting on a node's agent they check its
+heartbeat: when the agent has stopped reporting, they answer 500 at once
+and change nothing. GET only reads, once, through ``deps.store_read`` (on
+the loop for SQLite, in the thread pool for PostgreSQL): it is the hot path.
 """
 
 from __future__ import annotations
@@ -15,7 +17,16 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from egressd.api import presenters
-from egressd.api.deps import ContainerIdPath, PrincipalDep, Services, ServicesDep, visible_container
+from egressd.api.deps import (
+    ContainerIdPath,
+    PrincipalDep,
+    Services,
+    ServicesDep,
+    check_access,
+    checked_id,
+    store_read,
+    visible_container,
+)
 from egressd.api.envelopes import ApiError, iso, ok
 from egressd.api.schemas import NetworkConfigUpdate
 from egressd.errors import AllocationExhausted, InvalidInput, NotFound
@@ -75,15 +86,19 @@ def _timeout_reason(services: Services, node: str) -> str:
 
 
 @router.get("/{container_id}/network", summary="Get container network configuration")
-def get_network_config(
+async def get_network_config(
     container_id: ContainerIdPath, principal: PrincipalDep, services: ServicesDep
 ) -> JSONResponse:
-    visible_container(services, principal, container_id, denied="Access denied to this container")
+    # One read answers existence (404), ownership (403) and the body.
+    cid = checked_id(container_id)
     try:
-        view = services.store.get_network(container_id)
+        view = await store_read(services, services.store.get_network, cid)
+    except NotFound:
+        raise ApiError(404, "Container not found") from None
     except Exception:
-        log.exception("reading network configuration of %s", container_id)
+        log.exception("reading network configuration of %s", cid)
         raise ApiError(500, "Failed to retrieve network configuration") from None
+    check_access(principal, view.container, denied="Access denied to this container")
     return ok("Network configuration retrieved successfully", presenters.network_status(view))
 
 

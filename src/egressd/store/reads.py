@@ -1,0 +1,145 @@
+"""The API's per-request reads: one Core SELECT each, built once.
+
+Every API request looks its token up, and most look a container up; ``GET
+.../network`` reads the container with its owner, configuration, allocation
+and observed status. Through the ORM that was a session per call and one
+identity-map ``get`` per table (up to eight queries for one GET). Here each
+read is a single statement with outer joins, compiled once (SQLAlchemy caches
+the compiled form of these module-level statements), and its one row becomes
+the same frozen views the ORM paths build (``store.views``); a unit test
+holds the two paths to the same result. Writes and the agent's list stay on
+the ORM.
+
+Columns are labelled by table (``cfg_``, ``alloc_``, ``st_``) because the
+joined tables share column names (``container_id``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Label, Row, Select, Table, bindparam, select
+
+from egressd.model import Allocation, DesiredState, NetworkConfig, NetworkType, Status
+from egressd.store.tables import (
+    AllocationRow,
+    ApiToken,
+    Base,
+    Container,
+    NetworkConfigRow,
+    NetworkStatusRow,
+    Principal,
+)
+from egressd.store.views import (
+    ContainerView,
+    DesiredView,
+    NetworkView,
+    ObservedView,
+    PrincipalView,
+    stored_proxy,
+    stored_subnet,
+)
+
+_containers = Base.metadata.tables[Container.__tablename__]
+_principals = Base.metadata.tables[Principal.__tablename__]
+_tokens = Base.metadata.tables[ApiToken.__tablename__]
+_configs = Base.metadata.tables[NetworkConfigRow.__tablename__]
+_allocations = Base.metadata.tables[AllocationRow.__tablename__]
+_statuses = Base.metadata.tables[NetworkStatusRow.__tablename__]
+
+
+def _labelled(table: Table, prefix: str) -> list[Label[Any]]:
+    return [column.label(prefix + column.name) for column in table.c]
+
+
+PRINCIPAL_BY_TOKEN_HASH: Select[Any] = (
+    select(_principals.c.id, _principals.c.name, _principals.c.is_admin, _tokens.c.token_hash)
+    .select_from(_tokens)
+    .join(_principals, _principals.c.id == _tokens.c.principal_id)
+    .where(_tokens.c.token_hash == bindparam("token_hash"))
+)
+
+_CONTAINER_COLUMNS = [*_containers.c, _principals.c.name.label("owner_name")]
+
+CONTAINER_BY_ID: Select[Any] = (
+    select(*_CONTAINER_COLUMNS)
+    .select_from(_containers)
+    .outerjoin(_principals, _principals.c.id == _containers.c.owner_id)
+    .where(_containers.c.id == bindparam("container_id"))
+)
+
+NETWORK_BY_CONTAINER_ID: Select[Any] = (
+    select(
+        *_CONTAINER_COLUMNS,
+        *_labelled(_configs, "cfg_"),
+        *_labelled(_allocations, "alloc_"),
+        *_labelled(_statuses, "st_"),
+    )
+    .select_from(_containers)
+    .outerjoin(_principals, _principals.c.id == _containers.c.owner_id)
+    .outerjoin(_configs, _configs.c.container_id == _containers.c.id)
+    .outerjoin(_allocations, _allocations.c.container_id == _containers.c.id)
+    .outerjoin(_statuses, _statuses.c.container_id == _containers.c.id)
+    .where(_containers.c.id == bindparam("container_id"))
+)
+
+
+def principal_of(row: Row[Any]) -> PrincipalView:
+    return PrincipalView(row.id, row.name, row.is_admin)
+
+
+def container_of(row: Row[Any]) -> ContainerView:
+    """A row of ``CONTAINER_BY_ID`` (or ``NETWORK_BY_CONTAINER_ID``)."""
+    return ContainerView(
+        id=row.id,
+        name=row.name,
+        owner=row.owner_name,
+        owner_id=row.owner_id,
+        runtime=row.runtime,
+        ref=row.ref,
+        node=row.node,
+        created_at=row.created_at,
+    )
+
+
+def network_of(row: Row[Any]) -> NetworkView:
+    """A row of ``NETWORK_BY_CONTAINER_ID``; what ``views.assemble`` makes of ORM rows."""
+    desired = None
+    if row.cfg_container_id is not None:
+        ntype = NetworkType(row.cfg_type)
+        config = NetworkConfig(
+            type=ntype,
+            proxy=stored_proxy(
+                ntype, row.cfg_proxy_url, row.cfg_proxy_username, row.cfg_proxy_password
+            ),
+            dns_servers=tuple(row.cfg_dns_servers),
+            country=row.cfg_country,
+            city=row.cfg_city,
+            region=row.cfg_region,
+            comment=row.cfg_comment,
+        )
+        desired = DesiredView(
+            config=config,
+            desired_state=DesiredState(row.cfg_desired_state),
+            generation=row.cfg_generation,
+            configured_at=row.cfg_configured_at,
+        )
+    allocation = None
+    if row.alloc_container_id is not None:
+        allocation = Allocation(
+            subnet=stored_subnet(row.alloc_subnet),
+            bridge_name=row.alloc_bridge_name,
+            port=row.alloc_port,
+        )
+    observed = None
+    if row.st_container_id is not None:
+        observed = ObservedView(
+            status=Status(row.st_status),
+            reason=row.st_reason,
+            is_running=row.st_is_running,
+            observed_generation=row.st_observed_generation,
+            last_check=row.st_last_check,
+            applied=row.st_applied,
+            upstream=row.st_upstream,
+        )
+    return NetworkView(container_of(row), desired, allocation, observed)
