@@ -39,6 +39,9 @@ def test_only_pending_matches_the_agents_rule(tmp_path: Path) -> None:
     expected = sorted(v.container.id for v in everything if _pending(v))
     got = sorted(v.container.id for v in store.list_networks(node="local", only_pending=True))
     assert got == expected == sorted([ids[0], ids[2], ids[3], ids[5]])
+    # The list reads the same views as the per-container read (ids[5]'s config is gone).
+    assert everything == [store.get_network(v.container.id) for v in everything]
+    assert [v.container.id for v in everything] == sorted(ids)
     store.engine.dispose()
 
 

@@ -7,8 +7,9 @@ identity-map ``get`` per table (up to eight queries for one GET). Here each
 read is a single statement with outer joins, compiled once (SQLAlchemy caches
 the compiled form of these module-level statements), and its one row becomes
 the same frozen views the ORM paths build (``store.views``); a unit test
-holds the two paths to the same result. Writes and the agent's list stay on
-the ORM.
+holds the two paths to the same result. The agent's list of all its
+containers (every wake-up, every probe round) is the same statement without
+the id. Writes stay on the ORM.
 
 Columns are labelled by table (``cfg_``, ``alloc_``, ``st_``) because the
 joined tables share column names (``container_id``).
@@ -68,7 +69,7 @@ CONTAINER_BY_ID: Select[Any] = (
     .where(_containers.c.id == bindparam("container_id"))
 )
 
-NETWORK_BY_CONTAINER_ID: Select[Any] = (
+_NETWORKS: Select[Any] = (
     select(
         *_CONTAINER_COLUMNS,
         *_labelled(_configs, "cfg_"),
@@ -80,8 +81,34 @@ NETWORK_BY_CONTAINER_ID: Select[Any] = (
     .outerjoin(_configs, _configs.c.container_id == _containers.c.id)
     .outerjoin(_allocations, _allocations.c.container_id == _containers.c.id)
     .outerjoin(_statuses, _statuses.c.container_id == _containers.c.id)
-    .where(_containers.c.id == bindparam("container_id"))
 )
+
+NETWORK_BY_CONTAINER_ID: Select[Any] = _NETWORKS.where(
+    _containers.c.id == bindparam("container_id")
+)
+
+
+def networks_of_node(node: str, *, only_pending: bool) -> Select[Any]:
+    """The agent's list: containers of ``node`` with a configuration or a status row.
+
+    ``only_pending``: those it has not acted on yet -- no observed record,
+    an older observed generation, a failed apply (error and not running),
+    or leftovers of a removed configuration (status but no config); the
+    same rule as ``agent.runner._pending``, which a unit test holds it to.
+    """
+    query = (
+        _NETWORKS.where(_containers.c.node == node)
+        .where(_configs.c.container_id.is_not(None) | _statuses.c.container_id.is_not(None))
+        .order_by(_containers.c.id)
+    )
+    if only_pending:
+        query = query.where(
+            _configs.c.container_id.is_(None)
+            | _statuses.c.container_id.is_(None)
+            | (_statuses.c.observed_generation != _configs.c.generation)
+            | ((_statuses.c.status == Status.ERROR.value) & _statuses.c.is_running.is_(False))
+        )
+    return query
 
 
 def principal_of(row: Row[Any]) -> PrincipalView:

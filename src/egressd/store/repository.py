@@ -237,34 +237,9 @@ class Store:
         observed record, an older observed generation, a failed apply, or
         leftovers of a removed configuration), filtered in SQL.
         """
-        with self._tx() as s:
-            q = (
-                select(Container, NetworkConfigRow, AllocationRow, NetworkStatusRow, Principal.name)
-                .outerjoin(NetworkConfigRow, NetworkConfigRow.container_id == Container.id)
-                .outerjoin(AllocationRow, AllocationRow.container_id == Container.id)
-                .outerjoin(NetworkStatusRow, NetworkStatusRow.container_id == Container.id)
-                .outerjoin(Principal, Principal.id == Container.owner_id)
-                .where(Container.node == node)
-                .where(
-                    (NetworkConfigRow.container_id.is_not(None))
-                    | (NetworkStatusRow.container_id.is_not(None))
-                )
-                .order_by(Container.id)
-            )
-            if only_pending:
-                q = q.where(
-                    NetworkConfigRow.container_id.is_(None)
-                    | NetworkStatusRow.container_id.is_(None)
-                    | (NetworkStatusRow.observed_generation != NetworkConfigRow.generation)
-                    | (
-                        (NetworkStatusRow.status == Status.ERROR.value)
-                        & NetworkStatusRow.is_running.is_(False)
-                    )
-                )
-            return [
-                assemble(container_view_of(container, owner), cfg, alloc, st)
-                for container, cfg, alloc, st, owner in s.execute(q)
-            ]
+        query = reads.networks_of_node(node, only_pending=only_pending)
+        with self.engine.connect() as connection:
+            return [reads.network_of(row) for row in connection.execute(query)]
 
     def put_config(
         self,
