@@ -87,6 +87,10 @@ async def _talk(
     sock.setblocking(False)
     try:
         await asyncio.get_running_loop().sock_connect(sock, target)
+    except ConnectionResetError:
+        # Refused with RST before asyncio looked at the connect's result (SO_ERROR).
+        sock.close()
+        return b""
     except BaseException:
         sock.close()
         raise

@@ -269,3 +269,62 @@ def test_auth_only_mode_without_credentials() -> None:
     hs.initiate()
     assert hs.receive_data(b"\x05\x00") == [Authenticated()]
     assert hs.is_done
+
+
+# -- pipelining: the CONNECT request sent ahead of the replies --------------------------
+
+
+def test_pipelined_without_credentials_sends_greeting_and_request_at_once() -> None:
+    hs = Socks5Handshake(destination=DEST, proxy_label=LABEL, pipeline=True)
+    assert hs.initiate() == [SendBytes(b"\x05\x01\x00" + REQUEST_V4)]
+    assert hs.receive_data(b"\x05\x00") == [Authenticated()]  # nothing more to send
+    assert hs.state is Socks5State.AWAIT_REPLY
+    assert hs.receive_data(OK_REPLY_V4 + b"hi") == [TunnelReady(early_payload=b"hi")]
+
+
+def test_pipelined_replies_in_one_read() -> None:
+    hs = Socks5Handshake(destination=DEST, proxy_label=LABEL, pipeline=True)
+    hs.initiate()
+    events = hs.receive_data(b"\x05\x00" + OK_REPLY_V4)
+    assert events == [Authenticated(), TunnelReady(early_payload=b"")]
+    assert hs.is_done
+
+
+def test_pipelined_with_credentials_sends_auth_and_request_together() -> None:
+    # Two methods offered: the server's choice decides what follows, so no request yet.
+    hs = Socks5Handshake(
+        destination=DEST, username="alice", password="s3cret", proxy_label=LABEL, pipeline=True
+    )
+    assert hs.initiate() == [SendBytes(b"\x05\x02\x02\x00")]
+    assert hs.receive_data(b"\x05\x02") == [SendBytes(b"\x01\x05alice\x06s3cret" + REQUEST_V4)]
+    assert hs.receive_data(b"\x01\x00") == [Authenticated()]
+    assert hs.receive_data(OK_REPLY_V4) == [TunnelReady(early_payload=b"")]
+
+
+def test_pipelined_with_credentials_but_no_auth_chosen_sends_request_then() -> None:
+    hs = Socks5Handshake(
+        destination=DEST, username="alice", password="s3cret", proxy_label=LABEL, pipeline=True
+    )
+    hs.initiate()
+    assert hs.receive_data(b"\x05\x00") == [Authenticated(), SendBytes(REQUEST_V4)]
+
+
+def test_pipelined_request_is_dropped_with_a_refused_method_or_auth() -> None:
+    hs = Socks5Handshake(destination=DEST, proxy_label=LABEL, pipeline=True)
+    hs.initiate()
+    with pytest.raises(UpstreamAuthFailed):
+        hs.receive_data(b"\x05\xff")
+    hs = Socks5Handshake(
+        destination=DEST, username="alice", password="wrong", proxy_label=LABEL, pipeline=True
+    )
+    hs.initiate()
+    hs.receive_data(b"\x05\x02")
+    with pytest.raises(UpstreamAuthFailed):
+        hs.receive_data(b"\x01\x01")
+
+
+def test_pipelining_needs_a_destination() -> None:
+    hs = Socks5Handshake(destination=None, proxy_label=LABEL, pipeline=True)  # the probe
+    assert hs.initiate() == [SendBytes(b"\x05\x01\x00")]
+    assert hs.receive_data(b"\x05\x00") == [Authenticated()]
+    assert hs.is_done

@@ -5,7 +5,13 @@ DNS servers through that same proxy, plus the upstream health probe.
 
 Package face: the private modules below are re-exported here.
 
-    _relay          Relay: listeners, accept loops, one task per connection
+    _relay          Relay: listeners (accept callbacks), loop guard, DNS endpoints
+    _connections    an accepted connection: spliced or TLS path, registry, log lines
+    _spliced        SplicedConnection: connect, handshake, relay as callbacks (no task)
+    _flow           one direction: buffered, then spliced; half-close; read masking
+    _poller         EdgePoller: edge-triggered epoll of our own inside the loop
+    _deadlines      DeadlineQueue: one timer for all connections' timeouts
+    _pipes          PipePool: pipes for splice(2), lent while bytes are in flight
     _sockets        listening TCP sockets and UDP endpoints (FREEBIND, REUSEADDR)
     _dns            per-container DNS endpoints: UDP protocol, TCP server
     _dns_resolver   DnsResolver: cache, then servers in order through the upstream
@@ -19,12 +25,12 @@ Package face: the private modules below are re-exported here.
     _events         events and helpers shared by the handshakes
     _channel        Channel protocol; SocketChannel (plain socket, half-close, abort)
     _tls            TlsChannel: TLS over MemoryBIO, so https tunnels can half-close too
-    _pump           pump(): the data-path seam (both ways, half-close)
+    _pump           pump(): buffered copy both ways over channels (https tunnels)
     _probe          probe_upstream() -> ProbeResult
     _tasks          TaskSet: the one way tasks are started
     _errors         UpstreamConnectRejected (a refined UpstreamProtocolError)
 
-Concurrency model: single asyncio event loop; see ``_relay``.
+Concurrency model: single asyncio event loop (uvloop in the daemon); see ``_relay``.
 """
 
 from egressd.relay._dns_resolver import DnsOptions

@@ -1,11 +1,16 @@
 """Byte channels: the two ends a relayed connection moves bytes between.
 
 A :class:`Channel` is one TCP connection seen as ``recv`` / ``send_all`` /
-``shutdown_write`` / ``close`` / ``abort``. :class:`SocketChannel` wraps a
-plain non-blocking socket through the event loop's low-level ``sock_*``
-calls; it exposes ``raw_socket`` so a zero-copy pump (``os.splice``) can
-take over when both ends are plain sockets. TLS to an ``https`` proxy is
-:class:`egressd.relay._tls.TlsChannel`, with the same shape.
+``shutdown_write`` / ``close`` / ``abort``: what the coroutine users need
+(``https`` tunnels with the buffered :func:`pump`, DNS-over-TCP tunnels, the
+probe). :class:`SocketChannel` wraps a plain non-blocking socket through the
+event loop's low-level ``sock_*`` calls and exposes ``raw_socket`` (the DNS
+pool peeks at it); TLS to an ``https`` proxy is
+:class:`egressd.relay._tls.TlsChannel`, with the same shape. Plain relayed
+connections do not use channels: see :mod:`egressd.relay._spliced`.
+
+Also here: the TCP options of both legs (:func:`tune_tcp`) and the RST close
+(:func:`reset_socket`).
 
 Concurrency model: a channel is driven by at most one reader task and one
 writer task at a time (the two pump directions); ``close``/``abort`` are
@@ -42,6 +47,14 @@ def tune_tcp(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+
+
+def reset_socket(sock: socket.socket) -> None:
+    """Close ``sock`` with RST: the peer learns that something went wrong. Idempotent."""
+    if sock.fileno() != -1:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+    sock.close()
 
 
 class Channel(Protocol):
@@ -97,7 +110,4 @@ class SocketChannel:
         self._sock.close()
 
     def abort(self) -> None:
-        if self._sock.fileno() != -1:
-            with contextlib.suppress(OSError):
-                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
-        self._sock.close()
+        reset_socket(self._sock)

@@ -12,7 +12,7 @@ the destination's (``TunnelReady.early_payload``). 407 (or 401, which
 tinyproxy sends for wrong credentials) means our credentials, or their
 absence, were refused; any other status is a rejected CONNECT.
 
-No concurrency: one object per connection, driven by one task.
+No concurrency: one object per connection, driven by that connection alone.
 """
 
 from __future__ import annotations

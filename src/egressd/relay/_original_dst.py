@@ -30,7 +30,8 @@ def parse_sockaddr(raw: bytes) -> tuple[str, int]:
     family = int.from_bytes(raw[:2], sys.byteorder)
     port = int.from_bytes(raw[2:4], "big")
     if family == socket.AF_INET and len(raw) >= 8:
-        return str(ipaddress.IPv4Address(raw[4:8])), port
+        # inet_ntop: the text ipaddress gives for IPv4, without its cost (per connection).
+        return socket.inet_ntop(socket.AF_INET, raw[4:8]), port
     if family == socket.AF_INET6 and len(raw) >= 24:
         return str(ipaddress.IPv6Address(raw[8:24])), port
     raise ValueError(f"unexpected sockaddr (family {family}, {len(raw)} bytes)")

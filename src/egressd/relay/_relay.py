@@ -3,40 +3,52 @@
 Per accepted connection: read the pre-redirect destination
 (``SO_ORIGINAL_DST``), refuse it if it points back at a relay listener,
 open a tunnel through the container's upstream proxy to that destination
-(by IP, never by name), hand over any early payload, then :func:`pump`
-until both directions are done. Orderly ends close with FIN; failures and
+(by IP, never by name), hand over any early payload, then relay until both
+directions are done. Orderly ends close with FIN; failures and
 ``remove_listener`` abort with RST so the peers learn something went wrong.
 
 The client socket is not read until the tunnel is up: what the container
 sends meanwhile waits in the kernel's receive buffer, nothing is lost.
 
+Two data paths (see :mod:`egressd.relay._connections`): ``socks5`` and
+``http`` upstreams relay with ``splice(2)`` in a callback-driven
+:class:`SplicedConnection`; ``https`` upstreams need TLS in Python and run
+one task per connection with the buffered :func:`pump`.
+
 A container configured with DNS servers also gets a DNS endpoint (UDP and
 TCP, :mod:`egressd.relay._dns`) next to its listener, asking those servers
 through the same upstream.
 
-Concurrency model: everything runs on one event loop. Each listener has one
-accept task (in the relay's :class:`TaskSet`); each connection has one task
-(in its container's :class:`TaskSet`, so ``remove_listener`` can abort
-exactly that container's connections). Listener changes are serialized by
-one lock. A connection takes a snapshot of the container's upstream when it
-is accepted, so swapping the upstream only affects later connections.
-The DNS endpoint's tasks are its own (see ``_dns``); ``remove_listener``
-and ``close`` stop them too.
+Concurrency model: everything runs on one event loop. Each listener is
+watched with ``loop.add_reader`` for its whole life; the callback accepts
+what is pending and starts each connection at once. A spliced connection is
+driven by the relay's :class:`EdgePoller` (no task); an ``https`` one is a
+task in its container's :class:`TaskSet`. Each container keeps its
+connections, so ``remove_listener`` aborts exactly those. Listener changes
+are serialized by one lock. A connection takes a snapshot of the container's
+upstream when it is accepted, so swapping the upstream only affects later
+connections. The DNS endpoint's tasks are its own (see ``_dns``);
+``remove_listener`` and ``close`` stop them too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
 import socket
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from egressd.errors import UpstreamAuthFailed, UpstreamError
 from egressd.model import NetworkType, ProxySpec
-from egressd.relay._channel import Channel, SocketChannel, tune_tcp
+from egressd.relay._channel import reset_socket, tune_tcp
+from egressd.relay._connections import (
+    ConnectionStarter,
+    ContainerConnections,
+    OriginalDst,
+)
 from egressd.relay._dns import (
     DNS_PORT,
     DnsService,
@@ -46,33 +58,36 @@ from egressd.relay._dns import (
     parse_dns_server,
 )
 from egressd.relay._dns_resolver import DnsOptions
-from egressd.relay._errors import UpstreamConnectRejected
 from egressd.relay._events import format_endpoint
 from egressd.relay._original_dst import original_destination
-from egressd.relay._pump import pump
 from egressd.relay._sockets import normalize_address as _normalize
 from egressd.relay._sockets import open_listen_socket
-from egressd.relay._tasks import TaskSet
 from egressd.relay._upstream import Tunnel, open_tunnel
 
 logger = logging.getLogger("egressd.relay")
 
 _ACCEPT_RETRY_DELAY = 0.1
+_ACCEPT_BATCH = 64  # per wake-up; the rest waits one loop iteration, so others get a turn
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
-OriginalDst = Callable[[socket.socket], tuple[str, int]]
 
-
-@dataclass
+@dataclass(eq=False)
 class _Container:
     container_id: str
     upstream: ProxySpec
     requested: tuple[str, int]
     bound: tuple[str, int]
     listen_socket: socket.socket
-    accept_task: asyncio.Task[None]
-    connections: TaskSet = field(repr=False)
+    connections: ContainerConnections = field(repr=False)
     dns: DnsService | None = None
+    accept_retry: asyncio.TimerHandle | None = field(default=None, repr=False)
+    # Bound to 0.0.0.0 / ::, so a client's local address can differ from ``bound``.
+    wildcard: bool = False
+
+    def bind(self, requested: tuple[str, int], listen_socket: socket.socket) -> None:
+        self.requested, self.listen_socket = requested, listen_socket
+        self.bound = _normalize(listen_socket.getsockname()[:2])
+        self.wildcard = ipaddress.ip_address(self.bound[0]).is_unspecified
 
 
 class Relay:
@@ -86,14 +101,25 @@ class Relay:
         original_dst: OriginalDst | None = None,
         ssl_context: ssl.SSLContext | None = None,
         dns_options: DnsOptions | None = None,
+        socks5_pipelining: bool = True,
     ) -> None:
+        """``socks5_pipelining``: send the SOCKS5 CONNECT request ahead of the
+        proxy's method reply (see :mod:`egressd.relay._socks5`); saves a round
+        trip per connection. Off for a proxy that drops bytes sent early."""
         self._connect_timeout = connect_timeout
         self._dns_options = dns_options or DnsOptions()
         self._handshake_timeout = handshake_timeout
         self._original_dst: OriginalDst = original_dst or original_destination
         self._ssl_context = ssl_context
         self._containers: dict[str, _Container] = {}
-        self._accept_tasks = TaskSet("relay listeners", logger=logger)
+        # Every address a relay endpoint listens on: a destination among them is a loop.
+        self._own_endpoints: frozenset[tuple[str, int]] = frozenset()
+        self._starter = ConnectionStarter(
+            connect_timeout=connect_timeout,
+            handshake_timeout=handshake_timeout,
+            tls_context=self._tls_context,
+            socks5_pipelining=socks5_pipelining,
+        )
         self._lock = asyncio.Lock()
         self._closed = False
 
@@ -176,6 +202,8 @@ class Relay:
                 if dns_sockets is not None:
                     dns_sockets.close()
                 raise
+            finally:
+                self._refresh_own_endpoints()
 
     def _add(
         self,
@@ -184,17 +212,19 @@ class Relay:
         requested: tuple[str, int],
         listen_socket: socket.socket,
     ) -> _Container:
-        bound = _normalize(listen_socket.getsockname()[:2])
         state = _Container(
             container_id=container_id,
             upstream=upstream,
             requested=requested,
-            bound=bound,
+            bound=requested,
             listen_socket=listen_socket,
-            accept_task=self._spawn_accept(container_id, listen_socket),
-            connections=TaskSet(f"relay {container_id}", logger=logger),
+            connections=ContainerConnections(container_id),
         )
+        state.bind(requested, listen_socket)
+        bound = state.bound
         self._containers[container_id] = state
+        self._refresh_own_endpoints()  # before the first accept
+        self._start_accepting(state)
         logger.info(
             "container %s: listening on %s via %s",
             container_id,
@@ -209,10 +239,11 @@ class Relay:
         # The new listener is already open; close the old one. Open connections
         # stay tracked under the container and finish naturally.
         old = state.bound
-        await self._stop_accepting(state)
-        bound = _normalize(listen_socket.getsockname()[:2])
-        state.requested, state.bound, state.listen_socket = requested, bound, listen_socket
-        state.accept_task = self._spawn_accept(state.container_id, listen_socket)
+        self._stop_accepting(state)
+        state.bind(requested, listen_socket)
+        bound = state.bound
+        self._refresh_own_endpoints()  # before the first accept
+        self._start_accepting(state)
         logger.info(
             "container %s: listener moved from %s to %s",
             state.container_id,
@@ -255,15 +286,14 @@ class Relay:
             self._closed = True
             for container_id in list(self._containers):
                 await self._remove(container_id)
-            await self._accept_tasks.cancel_all()
+            await self._starter.close()
 
     async def _remove(self, container_id: str) -> None:
         state = self._containers.pop(container_id, None)
         if state is None:
             return
-        await self._stop_accepting(state)
-        aborted = len(state.connections)
-        await state.connections.cancel_all()
+        self._stop_accepting(state)
+        aborted = await state.connections.abort_all()
         if state.dns is not None:
             dns, state.dns = state.dns, None
             await dns.close()
@@ -274,58 +304,113 @@ class Relay:
             format_endpoint(*state.bound),
             aborted,
         )
+        self._refresh_own_endpoints()
 
-    async def _stop_accepting(self, state: _Container) -> None:
-        state.accept_task.cancel()
-        # gather: wait for the task without re-raising its CancelledError as ours.
-        await asyncio.gather(state.accept_task, return_exceptions=True)
-        state.listen_socket.close()
+    def _refresh_own_endpoints(self) -> None:
+        endpoints = set()
+        for state in self._containers.values():
+            endpoints.add(state.bound)
+            if state.dns is not None:
+                endpoints.add(state.dns.bound)
+        self._own_endpoints = frozenset(endpoints)
 
-    def _spawn_accept(self, container_id: str, listen_socket: socket.socket) -> asyncio.Task[None]:
-        return self._accept_tasks.spawn(
-            self._accept_loop(container_id, listen_socket), name=f"relay-accept-{container_id}"
+    # -- accepting -------------------------------------------------------------------------
+
+    def _start_accepting(self, state: _Container) -> None:
+        # Accepted sockets inherit these options from the listener (Linux copies
+        # them at accept), which saves five setsockopt calls per connection.
+        tune_tcp(state.listen_socket)
+        loop = asyncio.get_running_loop()
+        loop.add_reader(
+            state.listen_socket.fileno(), self._on_acceptable, state, state.listen_socket
         )
 
-    async def _accept_loop(self, container_id: str, listen_socket: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
+    def _stop_accepting(self, state: _Container) -> None:
+        if state.accept_retry is not None:
+            state.accept_retry.cancel()
+            state.accept_retry = None
+        if state.listen_socket.fileno() != -1:
+            asyncio.get_running_loop().remove_reader(state.listen_socket.fileno())
+        state.listen_socket.close()
+
+    def _on_acceptable(self, state: _Container, listen_socket: socket.socket) -> None:
+        for _ in range(_ACCEPT_BATCH):
             try:
-                client, peer = await loop.sock_accept(listen_socket)
+                client, peer = listen_socket.accept()
+            except BlockingIOError:
+                return
             except OSError as exc:
-                # Out of descriptors/memory: back off instead of spinning; the
-                # pending connection stays in the backlog until we can take it.
-                level = logging.WARNING if exc.errno in _RESOURCE_ERRNOS else logging.DEBUG
-                logger.log(level, "container %s: accept failed: %s", container_id, exc)
-                await asyncio.sleep(_ACCEPT_RETRY_DELAY)
-                continue
-            tune_tcp(client)
-            state = self._containers.get(container_id)
-            if state is None or state.listen_socket is not listen_socket:
-                client.close()  # raced with a removal or a move
-                continue
-            task = state.connections.spawn(
-                self._serve(state, client, peer),
-                name=f"relay-{container_id[:12]}-{format_endpoint(*peer[:2])}",
+                if exc.errno not in _RESOURCE_ERRNOS:
+                    logger.debug("container %s: accept failed: %s", state.container_id, exc)
+                    continue
+                # Out of descriptors/memory: back off instead of spinning; the pending
+                # connections stay in the backlog until we can take them.
+                logger.warning("container %s: accept failed: %s", state.container_id, exc)
+                loop = asyncio.get_running_loop()
+                loop.remove_reader(listen_socket.fileno())
+                state.accept_retry = loop.call_later(
+                    _ACCEPT_RETRY_DELAY, self._resume_accepting, state, listen_socket
+                )
+                return
+            try:
+                self._accepted(state, client, peer)
+            except Exception:
+                logger.exception("container %s: cannot relay a connection", state.container_id)
+                reset_socket(client)
+
+    def _resume_accepting(self, state: _Container, listen_socket: socket.socket) -> None:
+        state.accept_retry = None
+        if state.listen_socket is listen_socket and listen_socket.fileno() != -1:
+            asyncio.get_running_loop().add_reader(
+                listen_socket.fileno(), self._on_acceptable, state, listen_socket
             )
-            # Safety net: a task cancelled before its first step never runs its finally.
-            task.add_done_callback(_closer(client))
 
     # -- connections -----------------------------------------------------------------------
 
-    def _is_loop(self, destination: tuple[str, int], client: socket.socket) -> bool:
+    def _is_loop(
+        self, destination: tuple[str, int], client: socket.socket, state: _Container
+    ) -> bool:
         """Does ``destination`` (normalized) lead back into the relay itself?"""
+        if destination in self._own_endpoints:
+            return True
+        if not state.wildcard:
+            return False
         try:
-            local = _normalize(client.getsockname()[:2])
+            return destination == _normalize(client.getsockname()[:2])
         except OSError:
             return True
-        if destination == local:
-            return True
-        for state in self._containers.values():
-            if destination == state.bound or (
-                state.dns is not None and destination == state.dns.bound
-            ):
-                return True
-        return False
+
+    def _accepted(self, state: _Container, client: socket.socket, peer: tuple[str, int]) -> None:
+        container_id = state.container_id
+        client.setblocking(False)
+        try:
+            destination = _normalize(self._original_dst(client))
+        except (OSError, ValueError) as exc:
+            logger.warning(
+                "container %s: %s: no usable original destination (%s); closing",
+                container_id,
+                format_endpoint(*peer[:2]),
+                exc.strerror if isinstance(exc, OSError) and exc.strerror else exc,
+            )
+            reset_socket(client)
+            return
+        if self._is_loop(destination, client, state):
+            logger.warning(
+                "container %s: %s -> %s points at a relay listener; refused",
+                container_id,
+                format_endpoint(*peer[:2]),
+                format_endpoint(*destination),
+            )
+            reset_socket(client)
+            return
+        self._starter.start(
+            container_id=container_id,
+            upstream=state.upstream,  # snapshot: a later swap does not touch this connection
+            registry=state.connections,
+            client=client,
+            peer=peer,
+            destination=destination,
+        )
 
     def _tls_context(self) -> ssl.SSLContext:
         if self._ssl_context is None:
@@ -342,97 +427,3 @@ class Relay:
             handshake_timeout=self._handshake_timeout,
             ssl_context=tls,
         )
-
-    async def _serve(self, state: _Container, client: socket.socket, peer: tuple[str, int]) -> None:
-        container_id = state.container_id
-        spec = state.upstream  # snapshot: a later swap does not touch this connection
-        client_channel = SocketChannel(client)
-        source = format_endpoint(*peer[:2])
-        target = "?"
-        tunnel: Tunnel | None = None
-        finished = False
-        try:
-            try:
-                destination = _normalize(self._original_dst(client))
-            except (OSError, ValueError) as exc:
-                logger.warning(
-                    "container %s: %s: no usable original destination (%s); closing",
-                    container_id,
-                    source,
-                    exc.strerror if isinstance(exc, OSError) and exc.strerror else exc,
-                )
-                return
-            target = format_endpoint(*destination)
-            if self._is_loop(destination, client):
-                logger.warning(
-                    "container %s: %s -> %s points at a relay listener; refused",
-                    container_id,
-                    source,
-                    target,
-                )
-                return
-            tls = self._tls_context() if spec.scheme is NetworkType.HTTPS else None
-            tunnel = await open_tunnel(
-                spec,
-                destination,
-                connect_timeout=self._connect_timeout,
-                handshake_timeout=self._handshake_timeout,
-                ssl_context=tls,
-            )
-            if tunnel.early_payload:
-                await client_channel.send_all(tunnel.early_payload)
-            sent, received = await pump(client_channel, tunnel.channel)
-            finished = True
-            logger.debug(
-                "container %s: %s -> %s via %s done (%d bytes out, %d in)",
-                container_id,
-                source,
-                target,
-                spec.endpoint_url,
-                sent,
-                received,
-            )
-        except UpstreamError as exc:
-            # A refused destination is the container's business; a proxy that is down
-            # or rejects our credentials is the operator's.
-            level = logging.INFO if isinstance(exc, UpstreamConnectRejected) else logging.WARNING
-            if isinstance(exc, UpstreamAuthFailed):
-                level = logging.ERROR
-            logger.log(
-                level,
-                "container %s: %s -> %s via %s: %s",
-                container_id,
-                source,
-                target,
-                spec.endpoint_url,
-                exc,
-            )
-        except OSError as exc:
-            logger.debug("container %s: %s: connection ended: %s", container_id, source, exc)
-        finally:
-            channels: list[Channel] = [client_channel]
-            if tunnel is not None:
-                channels.append(tunnel.channel)
-            await _finish(channels, orderly=finished)
-
-
-def _closer(sock: socket.socket) -> Callable[[asyncio.Task[None]], None]:
-    def close(_task: asyncio.Task[None]) -> None:
-        sock.close()
-
-    return close
-
-
-async def _finish(channels: Sequence[Channel], *, orderly: bool) -> None:
-    """Close with FIN after a clean relay; otherwise (or if closing fails) RST."""
-    if not orderly:
-        for channel in channels:
-            channel.abort()
-        return
-    try:
-        for channel in channels:
-            await channel.close()
-    except BaseException:
-        for channel in channels:
-            channel.abort()
-        raise

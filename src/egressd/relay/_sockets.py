@@ -11,6 +11,7 @@ No concurrency: plain blocking-free socket calls.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 
@@ -21,8 +22,17 @@ IP_FREEBIND = 15  # linux/in.h: bind to an address not (yet) configured on any i
 LISTEN_BACKLOG = 1024
 
 
+@functools.lru_cache(maxsize=4096)
+def _canonical_ip(host: str) -> str:
+    return str(ipaddress.ip_address(host))
+
+
 def normalize_address(address: tuple[str, int]) -> tuple[str, int]:
-    return str(ipaddress.ip_address(address[0])), int(address[1])
+    """``(canonical IP text, port)``; ValueError for anything but an IP literal.
+
+    Cached: the relay normalizes every connection's original destination.
+    """
+    return _canonical_ip(address[0]), int(address[1])
 
 
 def _bound_socket(address: tuple[str, int], kind: socket.SocketKind, what: str) -> socket.socket:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import os
 import socket
 import ssl
 from dataclasses import dataclass
@@ -27,7 +26,13 @@ from dataclasses import dataclass
 from egressd.errors import UpstreamProtocolError, UpstreamUnreachable
 from egressd.model import NetworkType, ProxySpec
 from egressd.relay._channel import RECV_CHUNK, Channel, SocketChannel, tune_tcp
-from egressd.relay._events import ClientHandshake, SendBytes, TunnelReady, format_endpoint
+from egressd.relay._events import (
+    ClientHandshake,
+    SendBytes,
+    TunnelReady,
+    errno_reason,
+    format_endpoint,
+)
 from egressd.relay._http_connect import HttpConnectHandshake
 from egressd.relay._socks5 import Socks5Handshake
 from egressd.relay._tls import TlsChannel
@@ -46,15 +51,27 @@ def proxy_label(spec: ProxySpec) -> str:
     return f"{spec.scheme.value} proxy {format_endpoint(spec.host, spec.port)}"
 
 
-def make_handshake(spec: ProxySpec, destination: tuple[str, int] | None) -> ClientHandshake:
-    """The handshake for ``spec``; ``destination=None`` (SOCKS5 only) stops after auth."""
-    label = proxy_label(spec)
+def make_handshake(
+    spec: ProxySpec,
+    destination: tuple[str, int] | None,
+    *,
+    pipeline: bool = False,
+    label: str | None = None,
+) -> ClientHandshake:
+    """The handshake for ``spec``; ``destination=None`` (SOCKS5 only) stops after auth.
+
+    ``pipeline``: SOCKS5 sends its CONNECT request ahead of the replies where
+    the answer cannot change it (see :mod:`egressd.relay._socks5`). ``label``:
+    :func:`proxy_label`, if the caller has it already.
+    """
+    label = label if label is not None else proxy_label(spec)
     if spec.scheme is NetworkType.SOCKS5:
         return Socks5Handshake(
             destination=destination,
             username=spec.username,
             password=spec.password,
             proxy_label=label,
+            pipeline=pipeline,
         )
     if spec.scheme in (NetworkType.HTTP, NetworkType.HTTPS):
         if destination is None:
@@ -75,7 +92,7 @@ async def connect_proxy(spec: ProxySpec, *, timeout: float) -> socket.socket:
     last_error: OSError | None = None
     try:
         async with asyncio.timeout(timeout):
-            for family, address in await _proxy_addresses(spec):
+            for family, address in await proxy_addresses(spec):
                 sock = socket.socket(family, socket.SOCK_STREAM)
                 try:
                     sock.setblocking(False)
@@ -95,18 +112,11 @@ async def connect_proxy(spec: ProxySpec, *, timeout: float) -> socket.socket:
         ) from None
     except socket.gaierror as exc:
         raise UpstreamUnreachable(f"cannot resolve {label}: {exc.strerror}") from None
-    reason = _reason(last_error) if last_error is not None else "no address to connect to"
+    reason = errno_reason(last_error) if last_error is not None else "no address to connect to"
     raise UpstreamUnreachable(f"cannot connect to {label}: {reason}") from None
 
 
-def _reason(exc: OSError) -> str:
-    """The errno's text ("Connection refused"), not asyncio's wrapped message."""
-    if exc.errno:
-        return os.strerror(exc.errno)
-    return str(exc) or type(exc).__name__
-
-
-async def _proxy_addresses(spec: ProxySpec) -> list[tuple[int, tuple[str, int]]]:
+async def proxy_addresses(spec: ProxySpec) -> list[tuple[int, tuple[str, int]]]:
     try:
         address = ipaddress.ip_address(spec.host)
     except ValueError:
@@ -176,7 +186,7 @@ async def dial(
                 f"{label} did not complete the handshake within {handshake_timeout:g}s"
             ) from None
         if isinstance(exc, OSError):
-            reason = _reason(exc)
+            reason = errno_reason(exc)
             raise UpstreamUnreachable(f"connection to {label} failed: {reason}") from None
         raise
     return Tunnel(channel=channel, early_payload=early)
