@@ -103,7 +103,11 @@ async def running_agent(settings: Settings, store: Store, wakeups: Wakeups) -> A
     from egressd.relay import Relay
 
     tls = settings.upstream_ssl_context()
-    relay = Relay(connect_timeout=settings.upstream_timeout, ssl_context=tls)
+    relay = Relay(
+        connect_timeout=settings.upstream_timeout,
+        ssl_context=tls,
+        socks5_pipelining=settings.socks5_pipelining,
+    )
     agent = Agent(
         settings=settings,
         store=store,
@@ -163,7 +167,7 @@ def _run_uvicorn(app: FastAPI, *, host: str, port: int, log_level: str) -> None:
     # uvloop: the relay's data path runs as callbacks on this loop, and asyncio's own
     # loop (pure Python per wake-up) measurably adds to the relay's CPU per connection.
     config = uvicorn.Config(
-        app, host=host, port=port, loop="asyncio", log_level=log_level, access_log=False
+        app, host=host, port=port, loop="uvloop", log_level=log_level, access_log=False
     )
     uvicorn.Server(config).run()
 
