@@ -34,7 +34,7 @@ from typing import Any, Self
 from tests.integration.peers import Netns, run
 
 from bench.procs import CLEAN_ENV, cpu_seconds, pss_bytes, rss_bytes, thread_count
-from bench.topology import BenchPath, UpstreamSide, free_subnet
+from bench.topology import BenchPath, UpstreamSide, free_subnet, tune_client_netns
 from egressd.client import ApiError, Client
 from egressd.model import bridge_name_for, host_veth_name_for
 
@@ -226,6 +226,7 @@ class EgressdContainer:
     def __enter__(self) -> Self:
         with ExitStack() as stack:
             stack.enter_context(self.ns)
+            tune_client_netns(self.ns)
             self.server = stack.enter_context(BenchEgressd(containers=1))
             cid = new_container_id()
             with self.server.client() as c:
