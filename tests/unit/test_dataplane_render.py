@@ -11,6 +11,7 @@ import pytest
 
 from egressd.dataplane import SavedNextHop, SavedRoute, WallKind
 from egressd.dataplane.names import validate_netns_path
+from egressd.dataplane.nft_apply import parse_listing
 from egressd.dataplane.nft_render import (
     HostTableState,
     host_rules_fingerprint,
@@ -409,3 +410,18 @@ def test_netns_paths_accepted(path: str) -> None:
 def test_netns_paths_refused(path: str) -> None:
     with pytest.raises(InvalidInput):
         validate_netns_path(path)
+
+
+def test_nft_listing_is_parsed_item_by_item_to_the_same_result() -> None:
+    doc = {
+        "nftables": [
+            {"metainfo": {"version": "1.0.6", "json_schema_version": 1}},
+            {"table": {"family": "inet", "name": "egressd", "handle": 3}},
+            {"rule": {"chain": "c-x-pre", "expr": [{"accept": None}], "comment": "a, ] }"}},
+        ]
+    }
+    for text in (json.dumps(doc), json.dumps(doc, indent=2) + "\n", '{"nftables": []}'):
+        assert parse_listing(text) == json.loads(text)
+    assert parse_listing('{"other": 1}') == {"other": 1}  # not the nft shape: parsed whole
+    with pytest.raises(ValueError):
+        parse_listing('{"nftables": [{"a": 1} {"b": 2}]}')

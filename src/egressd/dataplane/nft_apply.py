@@ -15,6 +15,7 @@ no ``nsenter`` is needed.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from typing import Any
@@ -77,5 +78,36 @@ def list_table(table: str, *, netns_path: str | None = None) -> dict[str, Any] |
         if "No such file or directory" in str(exc):
             return None
         raise
-    listing: dict[str, Any] = json.loads(out)
-    return listing
+    return parse_listing(out)
+
+
+_LISTING_HEAD = re.compile(r'\s*\{\s*"nftables"\s*:\s*\[\s*')
+_SEPARATOR = re.compile(r"\s*,\s*")
+_TAIL = re.compile(r"\s*\]\s*\}\s*")
+_decoder = json.JSONDecoder()
+
+
+def parse_listing(text: str) -> dict[str, Any]:
+    """``nft -j`` output, ``{"nftables": [item, ...]}``, parsed one item at a time.
+
+    The host table holds a few kB per container, megabytes at a thousand:
+    one ``json.loads`` of that holds the GIL for a couple of hundred
+    milliseconds, during which the event loop beside the agent (API, relay)
+    stands still. Item by item, the interpreter can switch threads between
+    items. Anything else than that shape is parsed as a whole.
+    """
+    head = _LISTING_HEAD.match(text)
+    if head is None:
+        whole: dict[str, Any] = json.loads(text)
+        return whole
+    items: list[Any] = []
+    pos = head.end()
+    while not _TAIL.fullmatch(text, pos):
+        if items:
+            separator = _SEPARATOR.match(text, pos)
+            if separator is None:
+                raise ValueError(f"nft listing: expected ',' at {pos}")
+            pos = separator.end()
+        item, pos = _decoder.raw_decode(text, pos)
+        items.append(item)
+    return {"nftables": items}
