@@ -46,8 +46,9 @@ ADMIN_TOKEN_FILE = "admin-token"  # noqa: S105 - a file name
 # waits for the reconciler thread to hand it back, which Python does only
 # every switch interval (5 ms by default) while that thread computes: with a
 # busy thread beside it, a loop that needs the GIL back thousands of times a
-# second crawls (a GET benchmark fell to ~40 req/s at 5 ms, ~200 at 1 ms).
-SWITCH_INTERVAL_S = 0.0005
+# second crawls (a GET benchmark beside a CPU-bound thread: ~40 req/s at 5 ms,
+# ~200 at 1 ms, ~560 at 0.2 ms).
+SWITCH_INTERVAL_S = 0.0002
 
 
 def _favour_the_loop() -> None:
