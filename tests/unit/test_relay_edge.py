@@ -17,6 +17,7 @@ from egressd.relay._channel import KEEPALIVE_IDLE, tune_tcp
 from egressd.relay._deadlines import DeadlineQueue
 from egressd.relay._pipes import PipePool
 from egressd.relay._poller import WATCH_BASE, WATCH_READS, WATCH_WRITES, EdgePoller
+from egressd.relay._spliced import SpliceShared
 from tests.unit.test_relay_channels import tcp_pair
 from tests.unit.test_relay_peers import LOOPBACK, async_test
 
@@ -250,6 +251,28 @@ def test_pipe_pool_reuses_only_empty_pipes_and_bounds_idle_ones() -> None:
     assert len(pool) == 1 and not fd_is_open(three.read_fd)
     pool.close()
     assert len(pool) == 0 and not fd_is_open(two.read_fd)
+
+
+@async_test
+async def test_proxy_legs_get_keepalive_later_if_still_open(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Keepalive options cost four syscalls: only legs that outlive the delay get them."""
+    monkeypatch.setattr("egressd.relay._spliced.KEEPALIVE_DELAY", 0.05)
+    shared = SpliceShared(asyncio.get_running_loop(), connect_timeout=1, handshake_timeout=1)
+    kept, kept_peer = tcp_pair()
+    gone, gone_peer = tcp_pair()
+    with kept, kept_peer, gone_peer:
+        shared.tune_later(kept)
+        shared.tune_later(gone)
+        gone.close()  # a short connection: over before the delay
+        assert not kept.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+        await asyncio.sleep(0.15)
+        assert kept.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+        assert kept.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == KEEPALIVE_IDLE
+        shared.tune_later(kept)
+        shared.close()  # the pending batch is dropped with the timer
+        assert shared._tuner is None and not shared._untuned
 
 
 # -- what the relay assumes of the kernel --------------------------------------------------

@@ -9,8 +9,8 @@ pool peeks at it); TLS to an ``https`` proxy is
 :class:`egressd.relay._tls.TlsChannel`, with the same shape. Plain relayed
 connections do not use channels: see :mod:`egressd.relay._spliced`.
 
-Also here: the TCP options of both legs (:func:`tune_tcp`) and the RST close
-(:func:`reset_socket`).
+Also here: the TCP options of both legs (:func:`tune_tcp`, :func:`tune_keepalive`)
+and the RST close (:func:`reset_socket`).
 
 Concurrency model: a channel is driven by at most one reader task and one
 writer task at a time (the two pump directions); ``close``/``abort`` are
@@ -43,10 +43,21 @@ def tune_tcp(sock: socket.socket) -> None:
     """
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+        tune_keepalive(sock)
+
+
+def tune_keepalive(sock: socket.socket) -> None:
+    """Keepalive after ``KEEPALIVE_IDLE`` seconds of silence (raises ``OSError``).
+
+    The spliced path sets it on its proxy legs a moment after the connect,
+    and only on those still open (most short connections are over by then):
+    see :class:`egressd.relay._spliced.SpliceShared`.
+    """
+    setsockopt = sock.setsockopt
+    setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+    setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+    setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
 
 
 def reset_socket(sock: socket.socket) -> None:

@@ -56,6 +56,15 @@ class ContainerConnections:
     def __init__(self, container_id: str) -> None:
         self.spliced: set[SplicedConnection] = set()
         self.tasks = TaskSet(f"relay {container_id}", logger=logger)
+        # The last upstream's label and addresses (None: a name to look up), kept
+        # while it stays the same object: the same for every connection until a swap.
+        self.plan: tuple[ProxySpec, str, tuple[ProxyAddress, ...] | None] | None = None
+
+    def plan_for(self, spec: ProxySpec) -> tuple[str, tuple[ProxyAddress, ...] | None]:
+        plan = self.plan
+        if plan is None or plan[0] is not spec:
+            plan = self.plan = (spec, proxy_label(spec), _literal_addresses(spec.host, spec.port))
+        return plan[1], plan[2]
 
     def __len__(self) -> int:
         return len(self.spliced) + len(self.tasks)
@@ -117,7 +126,7 @@ class ConnectionStarter:
             # Safety net: a task cancelled before its first step never runs its finally.
             task.add_done_callback(functools.partial(_close_socket, client))
             return
-        label = proxy_label(upstream)
+        label, addresses = registry.plan_for(upstream)
         try:
             handshake = make_handshake(
                 upstream,
@@ -139,7 +148,6 @@ class ConnectionStarter:
             ),
         )
         registry.spliced.add(connection)
-        addresses = _literal_addresses(upstream.host, upstream.port)
         if addresses is not None:
             connection.start(addresses)
         else:
@@ -222,8 +230,8 @@ def _spliced_closed(
     error: BaseException | None,
 ) -> None:
     registry.spliced.discard(connection)
-    if error is None and not connection.orderly:
-        return  # aborted by the relay (listener removed): counted there
+    if error is None and not (connection.orderly and logger.isEnabledFor(logging.DEBUG)):
+        return  # done (logged at DEBUG only), or aborted by the relay: counted there
     log_outcome(
         container_id,
         peer,

@@ -14,6 +14,7 @@ is the thin syscall shell. No concurrency: a blocking-free getsockopt.
 
 from __future__ import annotations
 
+import _socket
 import ipaddress
 import socket
 import sys
@@ -21,6 +22,8 @@ import sys
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST has the same value
 _SOCKADDR_IN_LEN = 16
 _SOCKADDR_IN6_LEN = 28
+# The family as a plain int: ``socket.family`` converts it to an enum on every call.
+_family = _socket.socket.family.__get__
 
 
 def parse_sockaddr(raw: bytes) -> tuple[str, int]:
@@ -43,7 +46,7 @@ def original_destination(sock: socket.socket) -> tuple[str, int]:
     Raises ``OSError`` (ENOENT) when the connection was not NATed, i.e. it
     reached the listener directly.
     """
-    if sock.family == socket.AF_INET6:
+    if _family(sock) == socket.AF_INET6:
         raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, _SOCKADDR_IN6_LEN)
     else:
         raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, _SOCKADDR_IN_LEN)

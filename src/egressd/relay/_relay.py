@@ -37,6 +37,7 @@ import asyncio
 import errno
 import ipaddress
 import logging
+import os
 import socket
 import ssl
 from collections.abc import Sequence
@@ -334,9 +335,13 @@ class Relay:
         state.listen_socket.close()
 
     def _on_acceptable(self, state: _Container, listen_socket: socket.socket) -> None:
+        # socket.accept() without its Python wrapper: that one converts the listener's
+        # family and type to enums and asks for the default timeout, every time.
+        accept = listen_socket._accept  # type: ignore[attr-defined]
+        family = listen_socket.family.value
         for _ in range(_ACCEPT_BATCH):
             try:
-                client, peer = listen_socket.accept()
+                fd, peer = accept()
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -352,6 +357,11 @@ class Relay:
                     _ACCEPT_RETRY_DELAY, self._resume_accepting, state, listen_socket
                 )
                 return
+            try:
+                client = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+            except BaseException:
+                os.close(fd)
+                raise
             try:
                 self._accepted(state, client, peer)
             except Exception:

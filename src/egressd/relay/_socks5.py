@@ -34,6 +34,7 @@ No concurrency: one object per connection, driven by that connection alone.
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import socket
 
@@ -71,6 +72,16 @@ REPLY_MEANINGS: dict[int, str] = {
 }
 
 
+@functools.lru_cache(maxsize=4096)
+def connect_request(host: str, port: int) -> bytes:
+    """The CONNECT request for an IP literal (cached: one per connection otherwise)."""
+    if not 0 < port <= 65535:
+        raise ValueError(f"destination port out of range: {port}")
+    version, packed = pack_ip(host)
+    atyp = ATYP_IPV4 if version == 4 else ATYP_IPV6
+    return bytes((SOCKS_VERSION, CMD_CONNECT, 0x00, atyp)) + packed + port.to_bytes(2, "big")
+
+
 def reply_meaning(code: int) -> str:
     return REPLY_MEANINGS.get(code, "unassigned reply code")
 
@@ -101,14 +112,7 @@ class Socks5Handshake:
         self._request_sent = False
         self._request = b""
         if destination is not None:
-            host, port = destination
-            if not 0 < port <= 65535:
-                raise ValueError(f"destination port out of range: {port}")
-            version, packed = pack_ip(host)
-            atyp = ATYP_IPV4 if version == 4 else ATYP_IPV6
-            self._request = (
-                bytes((SOCKS_VERSION, CMD_CONNECT, 0x00, atyp)) + packed + port.to_bytes(2, "big")
-            )
+            self._request = connect_request(*destination)
         self._auth_request: bytes | None = None
         if username is not None:
             user = username.encode()

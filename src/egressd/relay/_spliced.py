@@ -27,6 +27,12 @@ was not drained will not announce itself again.
 Timeouts: two :class:`DeadlineQueue` objects (connect, handshake) shared by
 all connections, one timer each, not a timer per connection.
 
+Per-connection cost is what bounds connections per second, so the fast path
+creates little: the proxy leg gets ``TCP_NODELAY`` at once but its keepalive
+options (four ``setsockopt``) only ``KEEPALIVE_DELAY`` seconds later, in one
+batch for every proxy leg still open then (a short connection is long gone,
+and the first probe is due only after ``KEEPALIVE_IDLE`` seconds anyway).
+
 Concurrency model: every method runs on the event loop thread, from the
 poller's dispatch, a deadline, ``call_soon`` or the relay; nothing blocks.
 ``on_close`` is called exactly once, when the connection is closed.
@@ -35,6 +41,7 @@ poller's dispatch, a deadline, ``call_soon`` or the relay; nothing blocks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import errno
 import os
@@ -42,13 +49,17 @@ import socket
 from collections.abc import Callable, Iterable, Iterator
 
 from egressd.errors import UpstreamError, UpstreamProtocolError, UpstreamUnreachable
-from egressd.relay._channel import tune_tcp
+from egressd.relay._channel import tune_keepalive
 from egressd.relay._deadlines import DeadlineQueue
 from egressd.relay._events import ClientHandshake, SendBytes, TunnelReady, errno_reason
 from egressd.relay._flow import Flow, FlowResources, Leg
 from egressd.relay._poller import FAILED, PEER_DONE, PEER_FIN, READABLE, WRITABLE, EdgePoller
 
 HANDSHAKE_RECV = 4096  # replies are tiny; more just takes another read
+KEEPALIVE_DELAY = 1.0  # seconds before a proxy leg still open gets its keepalive options
+_NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+_STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+_CONNECT_OK = frozenset({0, errno.EINPROGRESS})
 
 ProxyAddress = tuple[int, tuple[str, int]]  # (family, sockaddr)
 OnClose = Callable[["SplicedConnection", BaseException | None], None]
@@ -76,17 +87,62 @@ class SpliceShared:
         self.handshaking: DeadlineQueue[SplicedConnection] = DeadlineQueue(
             loop, timeout=handshake_timeout, on_expired=SplicedConnection.expire
         )
+        self._untuned: list[socket.socket] = []  # proxy legs waiting for keepalive
+        self._tuner: asyncio.TimerHandle | None = None
+
+    def tune_later(self, sock: socket.socket) -> None:
+        """Keepalive for ``sock`` in about ``KEEPALIVE_DELAY`` seconds, if still open."""
+        self._untuned.append(sock)
+        if self._tuner is None:
+            self._tuner = self.loop.call_later(KEEPALIVE_DELAY, self._tune_due)
+
+    def _tune_due(self) -> None:
+        self._tuner = None
+        due, self._untuned = self._untuned, []
+        for sock in due:
+            if sock.fileno() != -1:  # closed meanwhile: nothing to do
+                # An error (e.g. reset by the peer) is for its connection to find out.
+                with contextlib.suppress(OSError):
+                    tune_keepalive(sock)
 
     def close(self) -> None:
         """After every connection has closed."""
+        if self._tuner is not None:
+            self._tuner.cancel()
+            self._tuner = None
+        self._untuned.clear()
         self.connecting.close()
         self.handshaking.close()
         self.poller.shutdown()
         self.io.pipes.close()
 
 
+_CONNECTING = Phase.CONNECTING
+_HANDSHAKE = Phase.HANDSHAKE
+_RELAYING = Phase.RELAYING
+_CLOSED = Phase.CLOSED
+
+
 class SplicedConnection:
     """A client socket relayed through a proxy to one destination."""
+
+    __slots__ = (
+        "_addresses",
+        "_client",
+        "_connect_error",
+        "_early",
+        "_flows",
+        "_handshake",
+        "_label",
+        "_on_close",
+        "_outgoing",
+        "_resolver",
+        "_resume",
+        "_shared",
+        "_upstream",
+        "orderly",
+        "phase",
+    )
 
     def __init__(
         self,
@@ -101,7 +157,7 @@ class SplicedConnection:
         self._handshake: ClientHandshake | None = handshake
         self._label = proxy_label
         self._on_close = on_close
-        self.phase = Phase.CONNECTING
+        self.phase = _CONNECTING
         self.orderly = False  # closed with FIN after both directions ended
         # The client is not read before the tunnel is up (its bytes wait in the kernel),
         # but its FIN, errors and hang-ups are watched from the start.
@@ -129,14 +185,13 @@ class SplicedConnection:
 
     def start(self, addresses: Iterable[ProxyAddress]) -> None:
         """Connect to the proxy at the first of ``addresses`` that answers."""
-        if self.phase is not Phase.CONNECTING or self._upstream is not None:
+        if self.phase is not _CONNECTING or self._upstream is not None:
             return
         self._resolver = None
         self._addresses = iter(addresses)
         try:
             self._connect_next()
-            self._advance()
-            self._sync()
+            self._step()
         except (UpstreamError, OSError) as exc:
             self.fail(exc)
         except BaseException:
@@ -158,14 +213,14 @@ class SplicedConnection:
     def expire(self) -> None:
         """The current phase's deadline passed (called by the :class:`DeadlineQueue`)."""
         shared = self._shared
-        if self.phase is Phase.CONNECTING:
+        if self.phase is _CONNECTING:
             self.fail(
                 UpstreamUnreachable(
                     f"cannot connect to {self._label}: "
                     f"no answer within {shared.connecting.timeout:g}s"
                 )
             )
-        elif self.phase is Phase.HANDSHAKE:
+        elif self.phase is _HANDSHAKE:
             self.fail(
                 UpstreamUnreachable(
                     f"{self._label} did not complete the handshake "
@@ -178,10 +233,11 @@ class SplicedConnection:
     def on_events(self, fd: int, events: int) -> None:
         leg = self._client
         if fd != leg.fd:
-            if self._upstream is None or fd != self._upstream.fd:
+            upstream = self._upstream
+            if upstream is None or fd != upstream.fd:
                 return
-            leg = self._upstream
-        elif events & FAILED and self.phase < Phase.RELAYING:
+            leg = upstream
+        elif events & FAILED and self.phase < _RELAYING:
             # The client reset before the tunnel was up: nobody left to serve.
             self.fail(ConnectionResetError(errno.ECONNRESET, "client reset during setup"))
             return
@@ -194,24 +250,27 @@ class SplicedConnection:
         if events & WRITABLE:
             leg.writable = True
         try:
-            self._advance()
-            self._sync()
+            self._step()
         except (UpstreamError, OSError) as exc:
             self.fail(exc)
 
     def on_failure(self) -> None:
         self.abort()
 
-    def _advance(self) -> None:
-        if self.phase < Phase.RELAYING:
+    def _step(self) -> None:
+        """Every step the legs' flags allow, then the epoll set in line with them."""
+        if self.phase < _RELAYING:
             self._handshake_step()
-        if self.phase is Phase.RELAYING:
+        if self.phase is _RELAYING:
             self._relay_step()
+        if self.phase is not _CLOSED:
+            self._sync()
 
     def _sync(self) -> None:
-        """What the steps just decided to watch, into the epoll set (rarely a change)."""
-        if self.phase is Phase.CLOSED:
-            return  # the sockets are closed (or about to be)
+        """What the steps just decided to watch, into the epoll set (rarely a change).
+
+        Not after the connection closed: its sockets are closed (or about to be).
+        """
         client, upstream = self._client, self._upstream
         if client.stale:
             client.sync(self._shared.poller)
@@ -222,22 +281,27 @@ class SplicedConnection:
 
     def _connect_next(self) -> None:
         """A socket connecting to the next address, or :class:`UpstreamUnreachable`."""
+        shared = self._shared
         for family, address in self._addresses:
-            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            sock = socket.socket(family, _STREAM)
             try:
-                tune_tcp(sock)
+                try:  # noqa: SIM105 - best effort, without a context manager per connection
+                    sock.setsockopt(*_NODELAY)
+                except OSError:
+                    pass
                 code = sock.connect_ex(address)
-                if code not in (0, errno.EINPROGRESS):
+                if code not in _CONNECT_OK:
                     raise OSError(code, os.strerror(code))
                 # Assumed writable: on fast paths the connect is done already and the
                 # greeting goes out at once; an unfinished connect answers EAGAIN (and
                 # its edge is watched from then on), a failed one its error.
                 leg = Leg(sock, readable=False, want_reads=True)
-                self._shared.poller.register(sock, self, leg.interest())
+                shared.poller.register(sock, self, leg.interest())
             except OSError as exc:
                 sock.close()
                 self._connect_error = exc
                 continue
+            shared.tune_later(sock)
             self._upstream = leg
             return
         reason = (
@@ -251,7 +315,7 @@ class SplicedConnection:
         handshake = self._handshake
         if self._upstream is None or handshake is None:
             return  # still resolving the proxy's name
-        if self.phase is Phase.CONNECTING and not self._outgoing:
+        if self.phase is _CONNECTING and not self._outgoing:
             for event in handshake.initiate():
                 if isinstance(event, SendBytes):
                     self._outgoing += event.data
@@ -267,15 +331,15 @@ class SplicedConnection:
                     up.full()
                     return
                 except OSError as exc:
-                    if self.phase is not Phase.CONNECTING:
+                    if self.phase is not _CONNECTING:
                         raise self._broken(exc) from None
                     # The connect failed; the greeting stays queued for the next address.
                     self._shared.poller.close(up.sock)
                     self._upstream, self._connect_error = None, exc
                     self._connect_next()
                     continue
-                if self.phase is Phase.CONNECTING:
-                    self.phase = Phase.HANDSHAKE
+                if self.phase is _CONNECTING:
+                    self.phase = _HANDSHAKE
                     self._shared.connecting.discard(self)
                     self._shared.handshaking.add(self)
                 if sent < len(self._outgoing):
@@ -311,9 +375,11 @@ class SplicedConnection:
     def _tunnel_ready(self) -> None:
         upstream = self._upstream
         assert upstream is not None
-        self.phase = Phase.RELAYING
-        self._handshake = None
+        if self.phase is _CONNECTING:  # a handshake that sent nothing (none does today)
+            self._shared.connecting.discard(self)
         self._shared.handshaking.discard(self)
+        self.phase = _RELAYING
+        self._handshake = None
         self._client.watch_reads(True)
         io = self._shared.io
         self._flows = (
@@ -335,10 +401,11 @@ class SplicedConnection:
 
     def _resume_turn(self) -> None:
         self._resume = None
-        if self.phase is Phase.RELAYING:
+        if self.phase is _RELAYING:
             try:
                 self._relay_step()
-                self._sync()
+                if self.phase is _RELAYING:
+                    self._sync()
             except OSError as exc:
                 self.fail(exc)
             except BaseException:
@@ -346,13 +413,15 @@ class SplicedConnection:
                 raise
 
     def _close(self, error: BaseException | None, *, reset: bool) -> None:
-        if self.phase is Phase.CLOSED:
+        phase = self.phase
+        if phase is _CLOSED:
             return
-        self.phase = Phase.CLOSED
+        self.phase = _CLOSED
         self.orderly = error is None and not reset
         shared = self._shared
-        shared.connecting.discard(self)
-        shared.handshaking.discard(self)
+        if phase is not _RELAYING:  # a relaying one left both queues already
+            shared.connecting.discard(self)
+            shared.handshaking.discard(self)
         for handle in (self._resume, self._resolver):
             if handle is not None:
                 handle.cancel()
