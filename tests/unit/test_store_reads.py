@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from egressd.daemon import open_store
 from egressd.errors import NotFound
-from egressd.model import DesiredState, NetworkConfig, NetworkType, ProxySpec, Status
+from egressd.model import Allocation, DesiredState, NetworkConfig, NetworkType, ProxySpec, Status
 from egressd.settings import Settings
 from egressd.store import ContainerView, NetworkView, Store
 from egressd.store.tables import (
@@ -22,7 +22,13 @@ from egressd.store.tables import (
     NetworkStatusRow,
     Principal,
 )
-from egressd.store.views import assemble, container_view_of
+from egressd.store.views import (
+    DesiredView,
+    ObservedView,
+    config_from_row,
+    container_view_of,
+    stored_subnet,
+)
 
 POOL = ipaddress.IPv4Network("10.20.0.0/24")
 
@@ -44,12 +50,35 @@ def orm_container(store: Store, cid: str) -> ContainerView:
 
 
 def orm_network(store: Store, cid: str) -> NetworkView:
+    """The view built independently from ORM rows, table by table: the oracle."""
     with Session(store.engine) as s:
-        return assemble(
+        cfg = s.get(NetworkConfigRow, cid)
+        alloc = s.get(AllocationRow, cid)
+        st = s.get(NetworkStatusRow, cid)
+        return NetworkView(
             orm_container(store, cid),
-            s.get(NetworkConfigRow, cid),
-            s.get(AllocationRow, cid),
-            s.get(NetworkStatusRow, cid),
+            None
+            if cfg is None
+            else DesiredView(
+                config_from_row(cfg),
+                DesiredState(cfg.desired_state),
+                cfg.generation,
+                cfg.configured_at,
+            ),
+            None
+            if alloc is None
+            else Allocation(stored_subnet(alloc.subnet), alloc.bridge_name, alloc.port),
+            None
+            if st is None
+            else ObservedView(
+                Status(st.status),
+                st.reason,
+                st.is_running,
+                st.observed_generation,
+                st.last_check,
+                st.applied,
+                st.upstream,
+            ),
         )
 
 

@@ -130,7 +130,7 @@ def container_of(row: Row[Any]) -> ContainerView:
 
 
 def network_of(row: Row[Any]) -> NetworkView:
-    """A row of ``NETWORK_BY_CONTAINER_ID``; what ``views.assemble`` makes of ORM rows."""
+    """A row of ``NETWORK_BY_CONTAINER_ID`` (or of ``networks_of_node``) as a view."""
     desired = None
     if row.cfg_container_id is not None:
         ntype = NetworkType(row.cfg_type)

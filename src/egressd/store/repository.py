@@ -46,7 +46,6 @@ from egressd.store.views import (
     ContainerView,
     NetworkView,
     PrincipalView,
-    assemble,
     config_from_row,
     container_view_of,
 )
@@ -213,14 +212,6 @@ class Store:
 
     # -- network configuration (desired) ---------------------------------------
 
-    def _network_view(self, s: Session, container: Container) -> NetworkView:
-        return assemble(
-            self._container_view(s, container),
-            s.get(NetworkConfigRow, container.id),
-            s.get(AllocationRow, container.id),
-            s.get(NetworkStatusRow, container.id),
-        )
-
     def get_network(self, container_id: str) -> NetworkView:
         """The container with its configuration, allocation and observed state: one SELECT."""
         row = self._read_one(reads.NETWORK_BY_CONTAINER_ID, {"container_id": container_id})
@@ -258,7 +249,8 @@ class Store:
         for attempt in range(5):
             try:
                 with self._tx() as s:
-                    return self._put_config(s, container_id, config, pool, prefix, port)
+                    self._put_config(s, container_id, config, pool, prefix, port)
+                return self.get_network(container_id)
             except IntegrityError:  # a concurrent allocation took our subnet: retry
                 if attempt == 4:
                     raise
@@ -272,7 +264,7 @@ class Store:
         pool: ipaddress.IPv4Network,
         prefix: int,
         port: int,
-    ) -> NetworkView:
+    ) -> None:
         container = s.get(Container, container_id)
         if container is None:
             raise NotFound("Container not found")
@@ -298,8 +290,6 @@ class Store:
         row.configured_at = utcnow()
         if config.type.is_proxy and s.get(AllocationRow, container_id) is None:
             s.add(self._allocate(s, container, pool, prefix, port))
-        s.flush()
-        return self._network_view(s, container)
 
     def _allocate(
         self,

@@ -1,7 +1,7 @@
 """Plain frozen views of stored rows: what the API and the agent get back.
 
-Never ORM rows, so callers cannot write by accident; assembled from rows
-by :func:`assemble` in one place.
+Never ORM rows, so callers cannot write by accident. Network views are
+built from one joined row in :func:`egressd.store.reads.network_of`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from egressd.model import (
     ProxySpec,
     Status,
 )
-from egressd.store.tables import AllocationRow, Container, NetworkConfigRow, NetworkStatusRow
+from egressd.store.tables import Container, NetworkConfigRow
 
 
 @dataclass(frozen=True)
@@ -120,38 +120,3 @@ def container_view_of(row: Container, owner: str | None) -> ContainerView:
         node=row.node,
         created_at=row.created_at,
     )
-
-
-def assemble(
-    container: ContainerView,
-    cfg: NetworkConfigRow | None,
-    alloc: AllocationRow | None,
-    st: NetworkStatusRow | None,
-) -> NetworkView:
-    desired = None
-    if cfg is not None:
-        desired = DesiredView(
-            config=config_from_row(cfg),
-            desired_state=DesiredState(cfg.desired_state),
-            generation=cfg.generation,
-            configured_at=cfg.configured_at,
-        )
-    allocation = None
-    if alloc is not None:
-        allocation = Allocation(
-            subnet=stored_subnet(alloc.subnet),
-            bridge_name=alloc.bridge_name,
-            port=alloc.port,
-        )
-    observed = None
-    if st is not None:
-        observed = ObservedView(
-            status=Status(st.status),
-            reason=st.reason,
-            is_running=st.is_running,
-            observed_generation=st.observed_generation,
-            last_check=st.last_check,
-            applied=st.applied,
-            upstream=st.upstream,
-        )
-    return NetworkView(container, desired, allocation, observed)
