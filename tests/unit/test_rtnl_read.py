@@ -33,7 +33,7 @@ def link_body(index: int, name: str, *, kind: str | None, master: int | None, up
 
 def test_link_fields_and_nested_kind() -> None:
     link = r.parse_link(link_body(7, "ve-0123456789ab", kind="veth", master=5, up=True))
-    assert link == r.LinkInfo(7, "ve-0123456789ab", 0x1, "veth", 5, None)
+    assert link == r.LinkInfo(7, "ve-0123456789ab", 0x1, "veth", 5)
     assert link.is_up
     bare = r.parse_link(link_body(1, "lo", kind=None, master=None, up=False))
     assert bare.kind is None and bare.master is None and not bare.is_up

@@ -37,7 +37,7 @@ NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
 RTM_NEWLINK, RTM_GETLINK = 16, 18
 RTM_NEWADDR, RTM_GETADDR = 20, 22
 RTM_NEWROUTE, RTM_GETROUTE = 24, 26
-IFLA_IFNAME, IFLA_LINK, IFLA_MASTER, IFLA_LINKINFO = 3, 5, 10, 18
+IFLA_IFNAME, IFLA_MASTER, IFLA_LINKINFO = 3, 10, 18
 IFLA_INFO_KIND = 1
 IFA_ADDRESS = 1
 RTA_OIF, RTA_GATEWAY, RTA_TABLE = 4, 5, 15
@@ -60,7 +60,6 @@ class LinkInfo:
     flags: int
     kind: str | None  # "bridge", "veth", ...; None for a link without linkinfo
     master: int | None  # ifindex of the bridge it is enslaved to
-    peer_index: int | None  # IFLA_LINK: for a veth, the peer's ifindex (in its namespace)
 
     @property
     def is_up(self) -> bool:
@@ -116,7 +115,6 @@ def parse_link(payload: bytes) -> LinkInfo:
         flags=flags,
         kind=kind,
         master=_u32(attrs.get(IFLA_MASTER)),
-        peer_index=_u32(attrs.get(IFLA_LINK)),
     )
 
 
