@@ -14,7 +14,8 @@ from egressd.daemon import open_store
 from egressd.errors import NotFound
 from egressd.model import Allocation, DesiredState, NetworkConfig, NetworkType, ProxySpec, Status
 from egressd.settings import Settings
-from egressd.store import ContainerView, NetworkView, Store
+from egressd.store import ContainerView, NetworkView, Store, reads
+from egressd.store.repository import hash_token
 from egressd.store.tables import (
     AllocationRow,
     Container,
@@ -154,6 +155,55 @@ def test_core_reads_give_the_views_the_orm_gave(store: Store) -> None:
         "p@ss",
     )
     assert store.get_network(bare) == NetworkView(orm_container(store, bare), None, None, None)
+
+
+def test_direct_reads_give_the_rows_sqlalchemy_gave(store: Store) -> None:
+    """SQLite reads skip SQLAlchemy's execution; every column must come out the same."""
+    store.ensure_principal("alice")
+    token = store.create_token("alice")
+    cid = new_container(store, owner="alice")
+    store.put_config(
+        cid,
+        proxy("socks5://u:p@198.18.1.2:1080", NetworkType.SOCKS5),
+        pool=POOL,
+        prefix=29,
+        port=1080,
+    )
+    generation = store.set_desired_state(cid, DesiredState.RUNNING)
+    store.record_observed(
+        cid,
+        status=Status.RUNNING,
+        reason=None,
+        is_running=True,
+        observed_generation=generation,
+        applied={"type": "proxy", "routes": [{"dst": "default"}]},
+        upstream={"reachable": True, "latency_ms": 1.5},
+    )
+    cases = [
+        (reads.PRINCIPAL_BY_TOKEN_HASH, {"token_hash": hash_token(token)}),
+        (reads.CONTAINER_BY_ID, {"container_id": cid}),
+        (reads.NETWORK_BY_CONTAINER_ID, {"container_id": cid}),
+        (reads.NETWORK_BY_CONTAINER_ID, {"container_id": "f" * 24}),  # no row
+    ]
+    for statement, params in cases:
+        with store.engine.connect() as connection:
+            expected = connection.execute(statement, params).first()
+        got = reads.DirectRead(statement, store.engine.dialect).first(store.engine, params)
+        if expected is None:
+            assert got is None
+            continue
+        assert got is not None
+        assert got._asdict() == expected._asdict()
+        # Same types too (a datetime, not its text; a bool, not 0/1; JSON decoded).
+        assert [type(v) for v in got] == [type(v) for v in expected]
+    row = reads.DirectRead(reads.NETWORK_BY_CONTAINER_ID, store.engine.dialect).first(
+        store.engine, {"container_id": cid}
+    )
+    assert row.st_is_running is True and row.cfg_dns_servers == ["198.18.2.2"]
+    assert row.st_last_check is not None and row.st_upstream == {
+        "reachable": True,
+        "latency_ms": 1.5,
+    }
 
 
 def test_containers_sharing_a_proxy_keep_their_own_credentials(store: Store) -> None:

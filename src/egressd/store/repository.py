@@ -89,6 +89,8 @@ class Store:
             if self.reads_are_local
             else engine.execution_options(isolation_level="AUTOCOMMIT")
         )
+        # SQLite: the per-request reads straight on the DBAPI cursor (see ``reads``).
+        self._direct: dict[Any, reads.DirectRead] | None = {} if self.reads_are_local else None
 
     @property
     def reads_are_local(self) -> bool:
@@ -106,7 +108,13 @@ class Store:
             yield session
 
     def _read_one(self, statement: Any, params: dict[str, Any]) -> Row[Any] | None:
-        """One row of one SELECT, on a pooled connection, without a Session."""
+        """One row of one of ``reads``' SELECTs, on a pooled connection, without a Session."""
+        if self._direct is not None:
+            direct = self._direct.get(statement)
+            if direct is None:
+                direct = self._direct[statement] = reads.DirectRead(statement, self.engine.dialect)
+            row: Row[Any] | None = direct.first(self.engine, params)
+            return row
         with self._reader.connect() as connection:
             return connection.execute(statement, params).first()
 
