@@ -117,7 +117,7 @@ def run_datapath(args: argparse.Namespace, side: UpstreamSide, results: dict[str
         direct = stack.enter_context(DirectContainer(side)).path()
         rs = stack.enter_context(RedsocksContainer(side)).path()
         ed = stack.enter_context(EgressdContainer(side)).path()
-        dante = BenchPath("dante", None, side.dante_endpoint, transparent=False)
+        dante = BenchPath("dante", None, side.dante_for("dante"), transparent=False)
         paths = [direct, dante, rs, ed]
         dante_pid = side.dante.process.pid
         for path in paths:  # each path must work before it is measured

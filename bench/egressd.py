@@ -209,9 +209,10 @@ def new_container_id() -> str:
     return secrets.token_hex(12)
 
 
-def network_config(side: UpstreamSide) -> dict[str, Any]:
-    """socks5 to the benchmark's dante; DNS (never used here) also only inside 198.18/15."""
-    host, port = side.dante_endpoint
+def network_config(side: UpstreamSide, *, path: str | None = None) -> dict[str, Any]:
+    """socks5 to the benchmark's dante (``path``'s listener if given); DNS (never used
+    here) also only inside 198.18/15."""
+    host, port = side.dante_for(path) if path else side.dante_endpoint
     return {"type": "socks5", "proxy": f"socks5://{host}:{port}", "dns_servers": [side.remote_ip]}
 
 
@@ -231,7 +232,9 @@ class EgressdContainer:
             cid = new_container_id()
             with self.server.client() as c:
                 self.server.register(c, container_id=cid, netns=self.ns.name)
-                c.containers.update_network_config(id=cid, data=network_config(self.side))
+                c.containers.update_network_config(
+                    id=cid, data=network_config(self.side, path="egressd")
+                )
                 started = c.containers.start_network(id=cid)
             if started["status"] != "running":
                 raise RuntimeError(f"egressd did not start the container: {started}")

@@ -19,11 +19,19 @@ from __future__ import annotations
 import ipaddress
 import sys
 import time
+from collections.abc import Iterable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Self
 
-from tests.integration.peers import TEST_NET, Dante, Netns, scratch_dir
+from tests.integration.peers import (
+    TEST_NET,
+    Dante,
+    Netns,
+    SystemUser,
+    UpstreamWorld,
+    scratch_dir,
+)
 
 from bench.procs import REPO, BenchProcess, pss_bytes, rss_bytes, wait_listening
 
@@ -31,12 +39,40 @@ REDSOCKS_PORT = 12345
 
 
 class QuietDante(Dante):
-    """dante as in the tests, but sessions are not logged (errors still are)."""
+    """dante as in the tests, but sessions are not logged (errors still are).
+
+    ``more_ports``: further listeners on the same address, same rules.
+    """
+
+    def __init__(
+        self,
+        world: UpstreamWorld,
+        *,
+        user: SystemUser | None,
+        port: int,
+        more_ports: Iterable[int] = (),
+    ) -> None:
+        super().__init__(world, user=user, port=port)
+        self.more_ports = sorted(set(more_ports) - {port})
+
+    def __enter__(self) -> Self:
+        super().__enter__()
+        try:
+            for port in self.more_ports:
+                self.process.wait_listening(self.host, port)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
 
     def config(self, log_path: Path) -> str:
         text = super().config(log_path)
-        return text.replace("log: connect disconnect error", "log: error").replace(
-            "log: connect error", "log: error"
+        main = f"internal: {self.host} port = {self.port}\n"
+        extra = "".join(f"internal: {self.host} port = {p}\n" for p in self.more_ports)
+        return (
+            text.replace(main, main + extra)
+            .replace("log: connect disconnect error", "log: error")
+            .replace("log: connect error", "log: error")
         )
 
 
@@ -122,7 +158,9 @@ class StreamServer(_Server):
 def redsocks_config(*, listen: tuple[str, int], upstream: tuple[str, int], log: str) -> str:
     """A transparent redirector (SO_ORIGINAL_DST) to a SOCKS5 upstream, without auth.
 
-    Defaults otherwise (no splice: Debian's redsocks as commonly deployed);
+    Defaults otherwise, as commonly deployed -- which includes ``splice``: redsocks
+    turns it on by itself where the kernel has it (``is_splice_good()``), so it
+    moves payload socket -> pipe -> socket just like egressd's relay;
     ``listenq`` raised to the relay's own backlog (1024) so neither side is
     limited by its accept queue.
     """

@@ -9,7 +9,8 @@
 
 The remote host (``egt-rh-X``) runs nginx (:80), an iperf3 server (:5201) and
 the stream sink (:5202) on ``remote_ip`` in 198.18.N.0/24; dante (no auth, CONNECT
-only into 198.18.0.0/15) runs in the proxy host as in the integration tests.
+only into 198.18.0.0/15) runs in the proxy host as in the integration tests,
+with one listener per path that uses it (``DANTE_PORTS``).
 Neither the host nor any namespace gets a route towards the uplink, and no
 NAT but the DNAT onto redsocks (in a table of our own) is ever added.
 
@@ -48,6 +49,11 @@ from bench.peers import (
 
 NGINX_PORT, IPERF3_PORT, STREAM_PORT = 80, 5201, 5202
 DANTE_PORT = 1080
+# One dante listener per path that goes through it (b, c, d), so that the TIME_WAIT
+# sockets one path leaves towards dante (~20-35% of its connections, ~60 s each) do
+# not take the source ports of the next path measured: every connect from the host
+# netns to one ip:port draws on the same ~28k ports.
+DANTE_PORTS = {"dante": 1080, "redsocks": 1081, "egressd": 1082}
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,9 @@ class UpstreamSide:
     def __enter__(self) -> Self:
         with ExitStack() as stack:
             w = stack.enter_context(self.world)
-            self.dante = stack.enter_context(QuietDante(w, user=None, port=DANTE_PORT))
+            self.dante = stack.enter_context(
+                QuietDante(w, user=None, port=DANTE_PORT, more_ports=DANTE_PORTS.values())
+            )
             if self.servers:
                 stack.enter_context(Nginx(w.remote_ns, w.remote_ip, NGINX_PORT))
                 stack.enter_context(Iperf3Server(w.remote_ns, w.remote_ip, IPERF3_PORT))
@@ -110,6 +118,10 @@ class UpstreamSide:
     @property
     def dante_endpoint(self) -> tuple[str, int]:
         return self.world.proxy_ip, DANTE_PORT
+
+    def dante_for(self, path: str) -> tuple[str, int]:
+        """The dante listener of data path ``path`` (dante, redsocks, egressd)."""
+        return self.world.proxy_ip, DANTE_PORTS[path]
 
 
 def tune_client_netns(ns: Netns) -> None:
@@ -189,7 +201,7 @@ add rule {t} rs_fwd oifname "{host_if}" drop
             run(["nft", "-f", "-"], stdin=self._ruleset(veth.name_a, host_ip))
             stack.callback(run, ["nft", "delete", "table", "ip", self.table], check=False)
             self.redsocks = stack.enter_context(
-                Redsocks(listen=(host_ip, REDSOCKS_PORT), upstream=self.side.dante_endpoint)
+                Redsocks(listen=(host_ip, REDSOCKS_PORT), upstream=self.side.dante_for("redsocks"))
             )
             self._stack = stack.pop_all()
         return self
