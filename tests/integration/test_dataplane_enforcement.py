@@ -43,8 +43,10 @@ from egressd.dataplane import (
     remove_enforcement,
     remove_host_base,
 )
+from egressd.dataplane.names import chain_names
 from egressd.dataplane.netns import run_in_netns
 from egressd.dataplane.nft_apply import apply_script, list_table
+from egressd.dataplane.nft_gen import ruleset_stamp
 from egressd.dataplane.nft_render import render_container_host_rules
 from egressd.dataplane.rtnl_read import DefaultRoute, RtnlReader
 from egressd.errors import KernelError
@@ -639,6 +641,44 @@ def test_host_wall_holds_without_the_container_wall(world: World) -> None:
         assert "drop" in counters
     finally:
         udp_sink.close()
+
+
+def test_inspection_sees_rules_changed_behind_its_back(world: World) -> None:
+    """Inspections reuse what they read while a ruleset is unchanged; any change is seen."""
+
+    def look() -> Any:
+        return inspect_container(
+            container_id=world.container_id,
+            netns_path=world.path,
+            allocation=world.allocation,
+            table=world.table,
+        )
+
+    world.apply()
+    assert look().proxy_enforced
+    assert look().proxy_enforced  # unchanged: from what the first look read
+    sh("ip", "netns", "exec", world.ns, "nft", "delete", "table", "inet", world.table)
+    seen = look()
+    assert seen.wall is None and not seen.proxy_enforced
+    world.apply()
+    assert look().proxy_enforced
+    _pre, inp = chain_names(world.container_id)
+    sh("nft", "flush", "chain", "inet", world.table, inp)  # the host side, by someone else
+    seen = look()
+    assert not seen.host_rules_ok and not seen.proxy_enforced
+    world.apply()
+    assert look().proxy_enforced
+
+
+def test_ruleset_stamps_follow_each_namespace(world: World) -> None:
+    host = ruleset_stamp()
+    inside = run_in_netns(world.path, ruleset_stamp)
+    assert host is not None and inside is not None
+    assert host.netns_cookie != inside.netns_cookie
+    sh("ip", "netns", "exec", world.ns, "nft", "add", "table", "inet", world.table)
+    after = run_in_netns(world.path, ruleset_stamp)
+    assert after is not None and after.netns_cookie == inside.netns_cookie
+    assert after.generation != inside.generation
 
 
 def test_rtnl_reader_agrees_with_iproute2(world: World) -> None:

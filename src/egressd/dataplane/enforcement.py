@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 from egressd.dataplane import links, routes
@@ -40,6 +41,7 @@ from egressd.dataplane.names import (
 )
 from egressd.dataplane.netns import NetnsGone, iproute, netns_exists, netns_fd
 from egressd.dataplane.nft_apply import apply_script, list_table
+from egressd.dataplane.nft_gen import StampedCache, ruleset_stamp
 from egressd.dataplane.nft_render import (
     HostTableState,
     WallKind,
@@ -66,9 +68,19 @@ def remove_host_base(table: str) -> None:
     apply_script(render_host_base_removal(table))
 
 
-def read_host_table(table: str = DEFAULT_TABLE) -> HostTableState:
+# The host table as last parsed, under the host ruleset's stamp (see nft_gen): at a
+# thousand containers it is megabytes of JSON, and every resync needs it.
+_host_tables: StampedCache[str, HostTableState] = StampedCache(max_entries=16)
+
+
+def _list_host_table(table: str) -> HostTableState:
     listing = list_table(table)
     return HostTableState() if listing is None else parse_host_table(listing)
+
+
+def read_host_table(table: str = DEFAULT_TABLE) -> HostTableState:
+    """The host table's state; read again only if the host's nftables changed since."""
+    return _host_tables.get_or_read(table, ruleset_stamp(), partial(_list_host_table, table))
 
 
 def list_host_containers(table: str = DEFAULT_TABLE) -> set[str]:

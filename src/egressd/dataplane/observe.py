@@ -2,8 +2,10 @@
 
 Read-only: nothing here changes kernel state. Same concurrency model as
 :mod:`egressd.dataplane.enforcement`. Reads go through the lean
-:mod:`egressd.dataplane.rtnl_read` and in-process libnftables: the agent
-inspects every container on each resync.
+:mod:`egressd.dataplane.rtnl_read`, and a container's nftables wall is listed
+(an ``nft`` process) only when its namespace's ruleset changed since the last
+look (:mod:`egressd.dataplane.nft_gen`): the agent inspects every container
+on each resync.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
 from egressd.dataplane.enforcement import read_host_table
 from egressd.dataplane.names import (
@@ -25,6 +26,7 @@ from egressd.dataplane.names import (
 )
 from egressd.dataplane.netns import NetnsGone, netns_exists, run_in_netns
 from egressd.dataplane.nft_apply import list_table
+from egressd.dataplane.nft_gen import StampedCache, ruleset_stamp
 from egressd.dataplane.nft_render import HostTableState, WallKind, parse_wall
 from egressd.dataplane.rtnl_read import RtnlReader
 from egressd.model import Allocation, bridge_name_for, host_veth_name_for
@@ -84,7 +86,14 @@ def _interfaces(allocation: Allocation, *hosts: ipaddress.IPv4Address) -> set[st
     return {f"{ip}/{allocation.prefixlen}" for ip in hosts}
 
 
-def _open_in_container(table: str) -> tuple[RtnlReader, dict[str, Any] | None]:
+# Each container's wall as last parsed, under the stamp of its namespace's ruleset
+# (see nft_gen): a resync that finds the stamp unchanged skips the ``nft`` process.
+_walls: StampedCache[tuple[int, str, Allocation | None], WallKind | None] = StampedCache()
+
+
+def _open_in_container(
+    table: str, allocation: Allocation | None
+) -> tuple[RtnlReader, WallKind | None]:
     """Run inside the container's namespace: a netlink reader there, and its wall.
 
     One thread enters the namespace for both (the reader's socket stays in
@@ -92,7 +101,12 @@ def _open_in_container(table: str) -> tuple[RtnlReader, dict[str, Any] | None]:
     """
     reader = RtnlReader.open()
     try:
-        return reader, list_table(table)
+        stamp = ruleset_stamp()
+        key = (stamp.netns_cookie if stamp is not None else 0, table, allocation)
+        wall = _walls.get_or_read(
+            key, stamp, lambda: parse_wall(list_table(table), allocation=allocation)
+        )
+        return reader, wall
     except BaseException:
         reader.close()
         raise
@@ -122,7 +136,7 @@ def inspect_container(
     egress0_present = egress0_ok = default_route_ok = False
     if netns_path is not None and netns_exists(validate_netns_path(netns_path)):
         try:
-            reader, listing = run_in_netns(netns_path, partial(_open_in_container, table))
+            reader, wall = run_in_netns(netns_path, partial(_open_in_container, table, allocation))
             with reader:
                 peer = reader.link(CONTAINER_IFNAME)
                 egress0_present = peer is not None
@@ -135,7 +149,6 @@ def inspect_container(
                         route.gateway == str(allocation.bridge_ip) and route.oif == peer.index
                         for route in reader.default_routes()
                     )
-            wall = parse_wall(listing, allocation=allocation)
             netns_present = True
         except NetnsGone:
             wall = None
