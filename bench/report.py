@@ -328,6 +328,16 @@ def _scale_md(scale: dict[str, Any]) -> list[str]:
         "N redsocks RSS / PSS MB",
     ]
     lines += _table(header, rows)
+    idle = [(st["containers"], st["idle_cpu"]) for st in scale["stages"] if "idle_cpu" in st]
+    for n, cpu in idle:
+        lines += [
+            f"Idle at {n} containers (no request, no traffic, {_f(cpu['seconds'], 0)} s after "
+            "a first resync: full resyncs every 30 s, upstream probes every 10 s): egressd used "
+            f"{_f(cpu['cpu_s'], 2)} s of CPU (its own {_f(cpu.get('own_cpu_s'), 2)} s, the "
+            f"processes it ran {_f(cpu.get('children_cpu_s'), 2)} s), "
+            f"**{_f(cpu['percent_of_one_core'], 1)}% of one core**.",
+            "",
+        ]
     if scale.get("capped"):
         lines += ["The scale case hit its deadline before the last stage completed.", ""]
     if scale.get("failure_count"):

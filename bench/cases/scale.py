@@ -10,6 +10,11 @@ which answers once the agent has applied and probed). At each stage:
   that stage and of all so far) and the stage's wall time;
 * RSS and PSS of the egressd process (API + agent + relay: one process),
   total and per container, against the same process with no container;
+* at the largest N only: the CPU the idle daemon uses (``IDLE_S`` s, no
+  request, no traffic: two full resyncs and six probe rounds, after the
+  first resync that follows the growth), its own and that of the processes
+  it ran, in percent of one core -- what holding N containers costs while
+  nothing happens;
 * re-adopt: SIGTERM, wait for exit, start again on the same data dir, then
   time until the kernel has all N relay listeners again, until the API
   reports every container ``running``, and until every container carries an
@@ -39,6 +44,7 @@ from bench import profile as profiler
 from bench import say
 from bench.egressd import BenchEgressd, network_config
 from bench.peers import RedsocksFleet
+from bench.procs import cpu_seconds
 from bench.stats import percentile
 from bench.topology import UpstreamSide
 from egressd.client import ApiError, Client
@@ -214,6 +220,34 @@ def _pcts(values: list[float]) -> dict[str, float | int]:
     }
 
 
+IDLE_S = 60.0  # two resync periods (30 s), six probe rounds (10 s)
+# Not measured: the first full resync after the stage grew (it lists every wall
+# once; afterwards only a changed ruleset is listed again), i.e. the steady state.
+IDLE_WARMUP_S = 35.0
+
+
+def idle_cpu(server: BenchEgressd, seconds: float = IDLE_S) -> dict[str, float]:
+    """CPU of the daemon over ``seconds`` with nothing asked of it.
+
+    Its own and that of the processes it ran meanwhile (``nft``, ``ip``):
+    those are part of what the daemon costs.
+    """
+    time.sleep(IDLE_WARMUP_S)
+    own0, all0 = cpu_seconds(server.pid), cpu_seconds(server.pid, with_reaped_children=True)
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    wall = time.monotonic() - t0
+    own = cpu_seconds(server.pid) - own0
+    total = cpu_seconds(server.pid, with_reaped_children=True) - all0
+    return {
+        "seconds": wall,
+        "cpu_s": total,
+        "own_cpu_s": own,
+        "children_cpu_s": total - own,
+        "percent_of_one_core": 100 * total / wall,
+    }
+
+
 def redsocks_memory(side: UpstreamSide, n: int, cap: int) -> dict[str, Any]:
     count = min(n, cap)
     with RedsocksFleet(count, upstream=side.dante_endpoint) as fleet:
@@ -266,6 +300,9 @@ def run_scale(
                 f"p99 {grown['start_ms_stage']['p99']:.0f} ms, egressd RSS "
                 f"{stage['egressd_memory']['rss_bytes'] / 2**20:.0f} MiB"
             )
+        if measure and last:
+            stage["idle_cpu"] = idle_cpu(fleet.server)
+            say(f"  idle: {stage['idle_cpu']['percent_of_one_core']:.1f}% of one core")
         if last and at_largest is not None:
             at_largest()
         if measure:
