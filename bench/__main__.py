@@ -1,6 +1,6 @@
 """``python -m bench``: egressd against redsocks, dante and the routed path, side by side.
 
-    .venv/bin/python -m bench                       # everything (make bench), ~25 min
+    .venv/bin/python -m bench                       # everything (make bench), ~12 min
     .venv/bin/python -m bench --quick               # smoke run: small N, 1 repeat, short runs
     .venv/bin/python -m bench --cases throughput,cpu --repeat 5 --duration 10
     .venv/bin/python -m bench --cases scale,api --scale 100,1000
