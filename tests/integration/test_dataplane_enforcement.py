@@ -276,6 +276,45 @@ def test_remove_restores_the_container_exactly(world: World) -> None:
     assert world.snapshot() == before
 
 
+def test_removal_takes_only_its_own_host_rules(world: World) -> None:
+    """Removal reads the host table narrowly (sets, maps, chain names), not whole.
+
+    Another container's rules stay, and a chain of the same name in another
+    table is not taken for ours (a second removal must find nothing to do).
+    """
+    other_id = secrets.token_hex(12)
+    other = new_allocation(other_id)
+    other_table = f"egressd_o{secrets.token_hex(4)}"
+    saved = world.apply()
+    apply_script(render_container_host_rules(world.table, other_id, other))
+    _pre, inp = chain_names(world.container_id)
+    sh("nft", "add", "table", "inet", other_table)
+    try:
+        # A change after every full read: removals must not find a whole-table state
+        # cached under the current ruleset stamp, and read the narrow way.
+        sh("nft", "add", "chain", "inet", other_table, inp)
+        world.remove(saved, allocation=world.allocation)
+        assert list_host_containers(world.table) == {other_id}
+        listing = json.loads(sh("nft", "-j", "list", "table", "inet", world.table))
+        elements = json.dumps(
+            [i for i in listing["nftables"] if "map" in i or "set" in i], sort_keys=True
+        )
+        assert other.bridge_name in elements and world.allocation.bridge_name not in elements
+        sh("nft", "add", "chain", "inet", other_table, "bump")
+        world.remove(saved, allocation=world.allocation)  # nothing left to remove: no error
+        sh("nft", "list", "chain", "inet", other_table, inp)  # the other table's chain stays
+    finally:
+        sh("nft", "delete", "table", "inet", other_table, check=False)
+        remove_enforcement(
+            container_id=other_id,
+            netns_path=None,
+            allocation=other,
+            saved_routes=[],
+            table=world.table,
+        )
+    assert list_host_containers(world.table) == set()
+
+
 def test_block_apply_and_remove(world: World) -> None:
     before = world.snapshot()
     apply_block_enforcement(

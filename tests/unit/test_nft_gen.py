@@ -106,3 +106,14 @@ def test_the_cache_is_bounded_least_recently_used_first() -> None:
     assert len(cache) == 2
     assert cache.get_or_read(1, stamp, read) == "listing #1"
     assert cache.get_or_read(2, stamp, read) == "listing #4"
+
+
+def test_peek_never_reads() -> None:
+    cache: StampedCache[str, str] = StampedCache()
+    read = Reads()
+    assert cache.peek("t", RulesetStamp(1, 1)) is None
+    cache.get_or_read("t", RulesetStamp(1, 1), read)
+    assert cache.peek("t", RulesetStamp(1, 1)) == "listing #1"
+    assert cache.peek("t", RulesetStamp(1, 2)) is None
+    assert cache.peek("t", None) is None
+    assert read.count == 1

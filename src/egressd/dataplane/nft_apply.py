@@ -81,6 +81,22 @@ def list_table(table: str, *, netns_path: str | None = None) -> dict[str, Any] |
     return parse_listing(out)
 
 
+def list_items(what: list[str], *, netns_path: str | None = None) -> list[dict[str, Any]] | None:
+    """The items of ``nft -j list <what...>`` (e.g. ``["map", "inet", t, name]``).
+
+    None when the object (or its table) does not exist. For reads that need
+    one set or map rather than a whole table with every rule in it.
+    """
+    try:
+        out = _nft(["-j", "list", *what], stdin=None, netns_path=netns_path)
+    except KernelError as exc:
+        if "No such file or directory" in str(exc):
+            return None
+        raise
+    items = parse_listing(out).get("nftables", [])
+    return [item for item in items if isinstance(item, dict) and "metainfo" not in item]
+
+
 _LISTING_HEAD = re.compile(r'\s*\{\s*"nftables"\s*:\s*\[\s*')
 _SEPARATOR = re.compile(r"\s*,\s*")
 _TAIL = re.compile(r"\s*\]\s*\}\s*")

@@ -141,6 +141,14 @@ class StampedCache(Generic[K, V]):
                 self._entries.popitem(last=False)
         return value
 
+    def peek(self, key: K, stamp: RulesetStamp | None) -> V | None:
+        """The value stored for ``key`` if it was read at ``stamp``; never reads."""
+        if stamp is None:
+            return None
+        with self._lock:
+            entry = self._entries.get(key)
+        return entry[1] if entry is not None and entry[0] == stamp else None
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
