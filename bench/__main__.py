@@ -58,6 +58,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scale-deadline", type=float, default=900.0, help="bound of the scale case, s")
     p.add_argument("--readopt-timeout", type=float, default=300.0)
     p.add_argument("--redsocks-cap", type=int, default=100, help="idle redsocks started at most")
+    p.add_argument(
+        "--idle-duration", type=float, default=60.0, help="idle-CPU window at the largest N, s"
+    )
     p.add_argument("--no-cross-check", action="store_true", help="skip iperf3 and wrk")
     p.add_argument("--no-doc", action="store_true", help="leave docs/BENCHMARKS.md alone")
     p.add_argument(
@@ -78,10 +81,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.scale, args.repeat, args.duration = [10, 20], 1, 2.0
         args.api_duration, args.redsocks_cap, args.no_doc = 3.0, 20, True
-        args.readopt_timeout, args.profile = 60.0, False
+        args.readopt_timeout, args.profile, args.idle_duration = 60.0, False, 3.0
     args.conns_duration = args.conns_duration or args.duration
     if not (1 <= args.repeat <= 20 and 0.5 <= args.duration <= 60):
         p.error("--repeat in 1..20 and --duration in 0.5..60 s")
+    if not 1 <= args.idle_duration <= 600:
+        p.error("--idle-duration in 1..600 s")
     if not all(1 <= n <= 4096 for n in args.scale):
         p.error("--scale values in 1..4096")
     return args
@@ -193,6 +198,7 @@ def run_fleet(args: argparse.Namespace, side: UpstreamSide, results: dict[str, A
             redsocks_cap=args.redsocks_cap,
             measure="scale" in args.cases,
             at_largest=api,
+            idle_s=args.idle_duration,
         )
         if "scale" in args.cases:
             results["scale"] = scale

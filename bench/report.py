@@ -328,6 +328,16 @@ def _scale_md(scale: dict[str, Any]) -> list[str]:
         "N redsocks RSS / PSS MB",
     ]
     lines += _table(header, rows)
+    for st in scale["stages"]:
+        if "stop_start" in st:
+            stop, again = st["stop_start"]["stop_ms"], st["stop_start"]["restart_ms"]
+            lines += [
+                f"Stop and start again at {st['containers']} containers ({stop['count']} "
+                f"containers, one after the other): `POST stop` p50 {_f(stop['p50'], 0)} ms, "
+                f"p99 {_f(stop['p99'], 0)} ms; `POST start` p50 {_f(again['p50'], 0)} ms, "
+                f"p99 {_f(again['p99'], 0)} ms.",
+                "",
+            ]
     idle = [(st["containers"], st["idle_cpu"]) for st in scale["stages"] if "idle_cpu" in st]
     for n, cpu in idle:
         lines += [

@@ -10,7 +10,9 @@ which answers once the agent has applied and probed). At each stage:
   that stage and of all so far) and the stage's wall time;
 * RSS and PSS of the egressd process (API + agent + relay: one process),
   total and per container, against the same process with no container;
-* at the largest N only: the CPU the idle daemon uses (``IDLE_S`` s, no
+* at the largest N only: ``POST stop`` then ``POST start`` for
+  ``STOP_START_COUNT`` containers, one after the other (each answers once
+  the agent has acted), p50/p99 of each; then the CPU the idle daemon uses (``IDLE_S`` s, no
   request, no traffic: two full resyncs and six probe rounds, after the
   first resync that follows the growth), its own and that of the processes
   it ran, in percent of one core -- what holding N containers costs while
@@ -129,6 +131,35 @@ class ScaleFleet:
             "start_ms_all": _pcts(self.start_ms),
         }
 
+    def stop_start(self, count: int) -> dict[str, Any]:
+        """``POST stop`` then ``POST start`` again for ``count`` containers, one at a time.
+
+        Both answer once the agent has acted (stop: enforcement removed and
+        the container's routes restored); the fleet is whole again afterwards.
+        """
+        stop_ms: list[float] = []
+        restart_ms: list[float] = []
+        with self.server.client(timeout=60) as c:
+            for cid in self.ids[:count]:
+                try:
+                    t0 = time.monotonic()
+                    stopped = c.containers.stop_network(id=cid)
+                    t1 = time.monotonic()
+                    started = c.containers.start_network(id=cid)
+                    t2 = time.monotonic()
+                except (ApiError, httpx.HTTPError) as exc:
+                    self.failures.append(f"{cid}: stop/start: {type(exc).__name__}: {exc}")
+                    continue
+                if stopped.get("status") != "stopped" or started.get("status") != "running":
+                    self.failures.append(
+                        f"{cid}: stop answered {stopped.get('status')}, "
+                        f"start {started.get('status')}"
+                    )
+                    continue
+                stop_ms.append((t1 - t0) * 1000)
+                restart_ms.append((t2 - t1) * 1000)
+        return {"stop_ms": _pcts(stop_ms), "restart_ms": _pcts(restart_ms)}
+
     def memory(self, baseline: dict[str, Any]) -> dict[str, Any]:
         time.sleep(1.0)  # let the last allocations settle
         stats = self.server.stats()
@@ -220,19 +251,22 @@ def _pcts(values: list[float]) -> dict[str, float | int]:
     }
 
 
+STOP_START_COUNT = 20  # containers stopped and started again at the largest N
 IDLE_S = 60.0  # two resync periods (30 s), six probe rounds (10 s)
 # Not measured: the first full resync after the stage grew (it lists every wall
 # once; afterwards only a changed ruleset is listed again), i.e. the steady state.
 IDLE_WARMUP_S = 35.0
 
 
-def idle_cpu(server: BenchEgressd, seconds: float = IDLE_S) -> dict[str, float]:
+def idle_cpu(
+    server: BenchEgressd, seconds: float = IDLE_S, warmup: float = IDLE_WARMUP_S
+) -> dict[str, float]:
     """CPU of the daemon over ``seconds`` with nothing asked of it.
 
     Its own and that of the processes it ran meanwhile (``nft``, ``ip``):
     those are part of what the daemon costs.
     """
-    time.sleep(IDLE_WARMUP_S)
+    time.sleep(warmup)
     own0, all0 = cpu_seconds(server.pid), cpu_seconds(server.pid, with_reaped_children=True)
     t0 = time.monotonic()
     time.sleep(seconds)
@@ -276,6 +310,7 @@ def run_scale(
     redsocks_cap: int,
     measure: bool = True,
     at_largest: Callable[[], None] | None = None,
+    idle_s: float = IDLE_S,
 ) -> dict[str, Any]:
     """Grow ``fleet`` through ``stages``; with ``measure`` False only grow (for the API case).
 
@@ -301,7 +336,14 @@ def run_scale(
                 f"{stage['egressd_memory']['rss_bytes'] / 2**20:.0f} MiB"
             )
         if measure and last:
-            stage["idle_cpu"] = idle_cpu(fleet.server)
+            stage["stop_start"] = fleet.stop_start(STOP_START_COUNT)
+            say(
+                f"  stop p50 {stage['stop_start']['stop_ms']['p50']:.0f} ms, start again p50 "
+                f"{stage['stop_start']['restart_ms']['p50']:.0f} ms"
+            )
+            # A short (smoke) run skips the warm-up: it shows the code path, not the number.
+            warmup = IDLE_WARMUP_S if idle_s >= IDLE_S else 0.0
+            stage["idle_cpu"] = idle_cpu(fleet.server, idle_s, warmup)
             say(f"  idle: {stage['idle_cpu']['percent_of_one_core']:.1f}% of one core")
         if last and at_largest is not None:
             at_largest()
