@@ -42,9 +42,10 @@ from egressd.dataplane import (
     record_default_routes,
     remove_enforcement,
     remove_host_base,
+    routes,
 )
 from egressd.dataplane.names import chain_names
-from egressd.dataplane.netns import run_in_netns
+from egressd.dataplane.netns import iproute, run_in_netns
 from egressd.dataplane.nft_apply import apply_script, list_table
 from egressd.dataplane.nft_gen import ruleset_stamp
 from egressd.dataplane.nft_render import render_container_host_rules
@@ -718,6 +719,14 @@ def test_ruleset_stamps_follow_each_namespace(world: World) -> None:
     after = run_in_netns(world.path, ruleset_stamp)
     assert after is not None and after.netns_cookie == inside.netns_cookie
     assert after.generation != inside.generation
+
+
+def test_a_route_via_a_vanished_link_is_a_kernel_error(world: World) -> None:
+    """egress0 deleted under an apply (another cleanup): an EgressdError, not a crash."""
+    with iproute(world.path) as ns, pytest.raises(KernelError) as info:
+        routes.ensure_default_route_via(ns, gateway=world.allocation.bridge_ip, ifname="egress0")
+    assert info.value.errno == errno.ENODEV
+    assert ip_json(world.ns, "route", "show", "default")  # the routes it had are still there
 
 
 def test_rtnl_reader_agrees_with_iproute2(world: World) -> None:

@@ -143,22 +143,25 @@ def test_garbage_collection_of_untracked_kernel_objects(upstream_world: Upstream
     import ipaddress
 
     stray = "0123456789abcdef01234567"
-    with EgressdServer(resync_interval=1) as server, DirectContainer(upstream_world) as c:
+    server = EgressdServer(resync_interval=1)
+    with DirectContainer(upstream_world) as c:
         net = ipaddress.ip_network(server.pool).subnets(new_prefix=29)
         allocation = Allocation(subnet=list(net)[-1], bridge_name=f"br-{stray[:12]}", port=1080)
-        dataplane.apply_proxy_enforcement(
-            container_id=stray,
-            netns_path=f"/run/netns/{c.ns.name}",
-            allocation=allocation,
-            saved_routes=None,
-            table=server.table,
-        )
         try:
-            deadline = time.monotonic() + 15
-            while stray in dataplane.list_host_containers(server.table):
-                assert time.monotonic() < deadline, "orphan not collected"
-                time.sleep(0.2)
-            assert run(["ip", "link", "show", allocation.bridge_name], check=False).returncode != 0
+            # Before the daemon runs: its collector would otherwise race the apply.
+            dataplane.apply_proxy_enforcement(
+                container_id=stray,
+                netns_path=f"/run/netns/{c.ns.name}",
+                allocation=allocation,
+                saved_routes=None,
+                table=server.table,
+            )
+            with server:
+                deadline = time.monotonic() + 15
+                while stray in dataplane.list_host_containers(server.table):
+                    assert time.monotonic() < deadline, "orphan not collected"
+                    time.sleep(0.2)
+                assert run(["ip", "link", "show", allocation.bridge_name], check=False).returncode
         finally:
             dataplane.remove_enforcement(
                 container_id=stray,
@@ -167,3 +170,4 @@ def test_garbage_collection_of_untracked_kernel_objects(upstream_world: Upstream
                 saved_routes=[],
                 table=server.table,
             )
+            dataplane.remove_host_base(server.table)

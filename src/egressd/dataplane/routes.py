@@ -311,6 +311,12 @@ def ensure_default_route_via(ipr: Any, *, gateway: ipaddress.IPv4Address, ifname
     Every other default route of the main table is deleted first: the
     kernel refuses a second IPv4 default of the same metric (EEXIST).
     """
+    if ifname not in _link_names(ipr).values():
+        # Deleted since it was set up (by someone else's cleanup): fail like the kernel
+        # would, before touching the routes the namespace has.
+        raise KernelError(
+            f"add default route via {gateway} dev {ifname}: no such device", errno=errno.ENODEV
+        )
     others = [
         route
         for route in read_default_routes(ipr)
@@ -318,6 +324,10 @@ def ensure_default_route_via(ipr: Any, *, gateway: ipaddress.IPv4Address, ifname
     ]
     delete_routes(ipr, others)
     indexes = {name: index for index, name in _link_names(ipr).items()}
+    if ifname not in indexes:  # gone just now: the namespace is left without a default
+        raise KernelError(
+            f"add default route via {gateway} dev {ifname}: no such device", errno=errno.ENODEV
+        )
     ours = SavedRoute(family=4, dst="0.0.0.0/0", gateway=str(gateway), ifname=ifname)
     with kernel_errors(f"add default route via {gateway} dev {ifname}"):
         ipr.route("replace", **_route_spec(ours, indexes))
