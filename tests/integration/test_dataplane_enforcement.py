@@ -710,6 +710,60 @@ def test_inspection_sees_rules_changed_behind_its_back(world: World) -> None:
     assert look().proxy_enforced
 
 
+def test_a_wall_that_leaves_without_a_new_generation_is_not_reported(world: World) -> None:
+    """An ``owner`` table goes when its socket closes, and the generation does not move.
+
+    A container allowed to administer its namespace swaps our wall for an
+    identical one it owns (copying the fingerprint), then closes the socket:
+    an inspection must not call that wall ours, neither while it stands nor
+    (from a cache) after it went.
+    """
+    from egressd.dataplane.nft_render import WallKind, render_wall
+
+    def look() -> Any:
+        return inspect_container(
+            container_id=world.container_id,
+            netns_path=world.path,
+            allocation=world.allocation,
+            table=world.table,
+        )
+
+    world.apply()
+    assert look().proxy_enforced
+    script = render_wall(world.table, WallKind.PROXY, allocation=world.allocation)
+    block = script[script.index(f"table inet {world.table} {{") :]
+    one_line = "".join(
+        line.strip() + (" " if line.strip().endswith(("{", ";")) else "; ")
+        for line in block.strip().splitlines()
+    ).replace("{", "{ flags owner;", 1)
+    owner = subprocess.Popen(
+        ["ip", "netns", "exec", world.ns, "nft", "-i"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert owner.stdin is not None
+        owner.stdin.write(f"delete table inet {world.table}\n{one_line}\n")
+        owner.stdin.flush()
+        deadline = time.monotonic() + 10
+        while "owner" not in sh("ip", "netns", "exec", world.ns, "nft", "list", "ruleset"):
+            assert time.monotonic() < deadline, owner.stderr.read() if owner.stderr else ""
+            time.sleep(0.05)
+        assert look().wall is None  # flags: not taken for ours, though the rules are the same
+        assert look().wall is None
+    finally:
+        if owner.stdin is not None:
+            owner.stdin.close()
+        owner.wait(timeout=10)
+        if owner.stderr is not None:
+            owner.stderr.close()
+    assert world.wall() is None  # gone with its socket
+    seen = look()
+    assert seen.wall is None and not seen.proxy_enforced
+
+
 def test_ruleset_stamps_follow_each_namespace(world: World) -> None:
     host = ruleset_stamp()
     inside = run_in_netns(world.path, ruleset_stamp)

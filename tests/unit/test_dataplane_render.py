@@ -345,6 +345,14 @@ def test_parse_wall() -> None:
     assert parse_wall(_wall_listing([LO], policy="accept")) is None
 
 
+def test_a_wall_in_a_table_with_flags_is_not_ours() -> None:
+    """dormant: hooks unregistered; owner: gone, unannounced, when its socket closes."""
+    for flags in (["dormant"], ["owner"], "Lester Gooch #5"):  # nft 1.0.6 prints owner so
+        listing = _wall_listing([LO, EGRESS])
+        listing["nftables"][0]["table"]["flags"] = flags
+        assert parse_wall(listing, allocation=ALLOC) is None
+
+
 ROUTE_V4 = SavedRoute(family=4, dst="0.0.0.0/0", protocol=3, gateway="192.0.2.1", ifname="eth0")
 ROUTE_V6 = SavedRoute(
     family=6,

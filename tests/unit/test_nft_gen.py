@@ -117,3 +117,16 @@ def test_peek_never_reads() -> None:
     assert cache.peek("t", RulesetStamp(1, 2)) is None
     assert cache.peek("t", None) is None
     assert read.count == 1
+
+
+def test_an_old_entry_is_read_again_whatever_the_stamp_says() -> None:
+    now = [1000.0]
+    cache: StampedCache[str, str] = StampedCache(max_age=300.0, clock=lambda: now[0])
+    read = Reads()
+    stamp = RulesetStamp(1, 1)
+    cache.get_or_read("t", stamp, read)
+    now[0] += 299.0
+    assert cache.get_or_read("t", stamp, read) == "listing #1"
+    now[0] += 2.0
+    assert cache.peek("t", stamp) is None
+    assert cache.get_or_read("t", stamp, read) == "listing #2"

@@ -28,6 +28,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -105,18 +106,36 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 
+MAX_AGE_S = 300.0
+
+
 class StampedCache(Generic[K, V]):
     """Values read from a namespace's ruleset, kept with the stamp they were read at.
 
     Thread-safe (the agent may inspect from several threads); bounded: the
-    least recently used entries go first beyond ``max_entries``.
+    least recently used entries go first beyond ``max_entries``. Entries
+    older than ``max_age`` seconds are read again whatever the stamp says:
+    a table can leave without a new generation (an ``owner`` table when its
+    socket closes; ``parse_wall`` never takes such a table for a wall), and
+    this bounds what any such path not thought of could hide to minutes.
     """
 
-    def __init__(self, *, max_entries: int = 8192) -> None:
-        self._entries: OrderedDict[K, tuple[RulesetStamp, V]] = OrderedDict()
+    def __init__(
+        self,
+        *,
+        max_entries: int = 8192,
+        max_age: float = MAX_AGE_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._entries: OrderedDict[K, tuple[RulesetStamp, float, V]] = OrderedDict()
         self._max = max_entries
+        self._max_age = max_age
+        self._clock = clock
         self._lock = threading.Lock()
         self.hits = self.misses = 0  # for tests and curiosity
+
+    def _fresh(self, entry: tuple[RulesetStamp, float, V] | None, stamp: RulesetStamp) -> bool:
+        return entry is not None and entry[0] == stamp and self._clock() - entry[1] < self._max_age
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -128,14 +147,15 @@ class StampedCache(Generic[K, V]):
             return read()
         with self._lock:
             entry = self._entries.get(key)
-            if entry is not None and entry[0] == stamp:
+            if entry is not None and self._fresh(entry, stamp):
                 self._entries.move_to_end(key)
                 self.hits += 1
-                return entry[1]
+                return entry[2]
         self.misses += 1
+        read_at = self._clock()  # before the read, like the stamp
         value = read()
         with self._lock:
-            self._entries[key] = (stamp, value)
+            self._entries[key] = (stamp, read_at, value)
             self._entries.move_to_end(key)
             while len(self._entries) > self._max:
                 self._entries.popitem(last=False)
@@ -147,7 +167,7 @@ class StampedCache(Generic[K, V]):
             return None
         with self._lock:
             entry = self._entries.get(key)
-        return entry[1] if entry is not None and entry[0] == stamp else None
+        return entry[2] if entry is not None and self._fresh(entry, stamp) else None
 
     def clear(self) -> None:
         with self._lock:

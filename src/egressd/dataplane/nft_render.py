@@ -362,7 +362,11 @@ def parse_wall(
 
     A wall is an ``output`` hook chain with policy drop; it is the proxy
     wall when a rule accepts ``egress0``. It is ours, as this version
-    renders it, only when a rule carries the matching fingerprint.
+    renders it, only when a rule carries the matching fingerprint, and only
+    in a table without flags: a ``dormant`` table has its hooks unregistered
+    (it filters nothing), and an ``owner`` table vanishes when the socket
+    that made it closes -- without a new ruleset generation, so a cached
+    "enforced" would outlive it (see ``nft_gen``). Either is re-applied.
     """
     if listing is None:
         return None
@@ -370,6 +374,9 @@ def parse_wall(
     accepts_egress = False
     comments: set[str] = set()
     for item in listing.get("nftables", []):
+        table = item.get("table")
+        if table is not None and table.get("flags"):
+            return None
         if item.get("rule", {}).get("comment"):
             comments.add(str(item["rule"]["comment"]))
         chain = item.get("chain")
