@@ -206,6 +206,22 @@ def test_direct_reads_give_the_rows_sqlalchemy_gave(store: Store) -> None:
     }
 
 
+def test_direct_reads_refuse_statements_they_would_run_wrong(store: Store) -> None:
+    """Bound values, bind processors (a datetime's conversion): SQLAlchemy's job, not ours."""
+    from sqlalchemy import bindparam, select
+
+    from egressd.store.tables import NetworkStatusRow
+
+    dialect = store.engine.dialect
+    with pytest.raises(ValueError):  # carries its own value ('error')
+        reads.DirectRead(reads.networks_of_node("n", only_pending=True), dialect)
+    since = select(NetworkStatusRow.container_id).where(
+        NetworkStatusRow.last_check > bindparam("since", type_=NetworkStatusRow.last_check.type)
+    )
+    with pytest.raises(ValueError):  # UTCDateTime converts datetimes on the way in
+        reads.DirectRead(since, dialect)
+
+
 def test_containers_sharing_a_proxy_keep_their_own_credentials(store: Store) -> None:
     """The parsed endpoint is cached and shared; credentials never are."""
     put = {"pool": POOL, "prefix": 29, "port": 1080}

@@ -104,11 +104,10 @@ def _host_state_for_removal(table: str) -> HostTableState:
         ["map", "inet", table, FILTER_IN_MAP],
     ):
         items += list_items(what) or []
-    if not items:
-        return HostTableState()  # no such table (or not even its base objects)
+    # Chains also when the set or maps are gone (deleted by hand): ours must still go.
     chains = list_items(["chains", "inet"]) or []
     items += [i for i in chains if "chain" in i and i["chain"].get("table") == table]
-    return parse_host_table({"nftables": items})
+    return parse_host_table({"nftables": items}) if items else HostTableState()
 
 
 def list_host_containers(table: str = DEFAULT_TABLE) -> set[str]:

@@ -133,6 +133,14 @@ class DirectRead:
         compiled = statement.compile(dialect=dialect)
         if not compiled.positional or compiled.positiontup is None:
             raise ValueError(f"{dialect.name}: direct reads need a positional paramstyle")
+        # What this class does not do that SQLAlchemy would: bind processors (e.g. a
+        # datetime type's conversion), parameters with values of their own, expanding
+        # (IN) or literal parameters. A statement that needs any is refused, not run wrong.
+        if compiled._bind_processors or any(
+            bind.value is not None or bind.callable is not None or bind.expanding
+            for bind in compiled.binds.values()
+        ):
+            raise ValueError("direct reads take plain bound parameters only")
         self._sql = str(compiled)
         self._names = tuple(compiled.positiontup)
         columns = list(statement.selected_columns)
