@@ -25,6 +25,7 @@ The byte layouts are the kernel's (``linux/netfilter/nfnetlink.h``,
 from __future__ import annotations
 
 import os
+import random
 import socket
 import struct
 import threading
@@ -118,6 +119,8 @@ class StampedCache(Generic[K, V]):
     a table can leave without a new generation (an ``owner`` table when its
     socket closes; ``parse_wall`` never takes such a table for a wall), and
     this bounds what any such path not thought of could hide to minutes.
+    Each entry's age limit is drawn between half and all of ``max_age``, so
+    that entries read in one resync are not all read again in one later.
     """
 
     def __init__(
@@ -135,7 +138,8 @@ class StampedCache(Generic[K, V]):
         self.hits = self.misses = 0  # for tests and curiosity
 
     def _fresh(self, entry: tuple[RulesetStamp, float, V] | None, stamp: RulesetStamp) -> bool:
-        return entry is not None and entry[0] == stamp and self._clock() - entry[1] < self._max_age
+        """Same stamp, and not past its expiry (``entry[1]``)."""
+        return entry is not None and entry[0] == stamp and self._clock() < entry[1]
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -152,10 +156,11 @@ class StampedCache(Generic[K, V]):
                 self.hits += 1
                 return entry[2]
         self.misses += 1
-        read_at = self._clock()  # before the read, like the stamp
+        # From before the read, like the stamp.
+        expires = self._clock() + self._max_age * (0.5 + random.random() / 2)  # noqa: S311
         value = read()
         with self._lock:
-            self._entries[key] = (stamp, read_at, value)
+            self._entries[key] = (stamp, expires, value)
             self._entries.move_to_end(key)
             while len(self._entries) > self._max:
                 self._entries.popitem(last=False)
