@@ -277,7 +277,7 @@ def idle_cpu(
         "seconds": wall,
         "cpu_s": total,
         "own_cpu_s": own,
-        "children_cpu_s": total - own,
+        "children_cpu_s": max(0.0, total - own),  # both from one clock-tick count
         "percent_of_one_core": 100 * total / wall,
     }
 
