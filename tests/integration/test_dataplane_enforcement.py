@@ -110,6 +110,15 @@ class World:
     def host_table(self) -> Any:
         return strip_handles(list_table(self.table))
 
+    def inspect(self) -> Any:
+        """What the agent's inspection sees of this world's container."""
+        return inspect_container(
+            container_id=self.container_id,
+            netns_path=self.path,
+            allocation=self.allocation,
+            table=self.table,
+        )
+
     def wall(self) -> Any:
         return strip_handles(list_table(self.table, netns_path=self.path))
 
@@ -265,12 +274,7 @@ def test_remove_restores_the_container_exactly(world: World) -> None:
     assert world.host_side_gone()
     assert list_host_containers(world.table) == set()
     assert world.wall() is None
-    seen = inspect_container(
-        container_id=world.container_id,
-        netns_path=world.path,
-        allocation=world.allocation,
-        table=world.table,
-    )
+    seen = world.inspect()
     assert seen.clean and seen.netns_present
     # Removing again is fine.
     world.remove(saved, allocation=world.allocation)
@@ -370,12 +374,7 @@ def test_remove_when_netns_is_gone_cleans_the_host(world: World) -> None:
     world.remove(saved, allocation=world.allocation)
     assert world.host_side_gone()
     assert list_host_containers(world.table) == set()
-    seen = inspect_container(
-        container_id=world.container_id,
-        netns_path=world.path,
-        allocation=world.allocation,
-        table=world.table,
-    )
+    seen = world.inspect()
     assert seen.clean and not seen.netns_present
     with pytest.raises(KernelError) as excinfo:
         world.apply()
@@ -435,12 +434,7 @@ def test_partial_state_converges(world: World, make_partial: Any) -> None:
     make_partial(world)
     saved = world.apply(EXPECTED_SAVED)
     assert saved == EXPECTED_SAVED
-    seen = inspect_container(
-        container_id=world.container_id,
-        netns_path=world.path,
-        allocation=world.allocation,
-        table=world.table,
-    )
+    seen = world.inspect()
     assert seen.proxy_enforced, seen
     assert seen.bridge_addresses == tuple(
         sorted(f"{ip}/29" for ip in (world.allocation.bridge_ip, world.allocation.listener_ip))
@@ -686,28 +680,20 @@ def test_host_wall_holds_without_the_container_wall(world: World) -> None:
 def test_inspection_sees_rules_changed_behind_its_back(world: World) -> None:
     """Inspections reuse what they read while a ruleset is unchanged; any change is seen."""
 
-    def look() -> Any:
-        return inspect_container(
-            container_id=world.container_id,
-            netns_path=world.path,
-            allocation=world.allocation,
-            table=world.table,
-        )
-
     world.apply()
-    assert look().proxy_enforced
-    assert look().proxy_enforced  # unchanged: from what the first look read
+    assert world.inspect().proxy_enforced
+    assert world.inspect().proxy_enforced  # unchanged: from what the first look read
     sh("ip", "netns", "exec", world.ns, "nft", "delete", "table", "inet", world.table)
-    seen = look()
+    seen = world.inspect()
     assert seen.wall is None and not seen.proxy_enforced
     world.apply()
-    assert look().proxy_enforced
+    assert world.inspect().proxy_enforced
     _pre, inp = chain_names(world.container_id)
     sh("nft", "flush", "chain", "inet", world.table, inp)  # the host side, by someone else
-    seen = look()
+    seen = world.inspect()
     assert not seen.host_rules_ok and not seen.proxy_enforced
     world.apply()
-    assert look().proxy_enforced
+    assert world.inspect().proxy_enforced
 
 
 def test_a_wall_that_leaves_without_a_new_generation_is_not_reported(world: World) -> None:
@@ -718,18 +704,10 @@ def test_a_wall_that_leaves_without_a_new_generation_is_not_reported(world: Worl
     an inspection must not call that wall ours, neither while it stands nor
     (from a cache) after it went.
     """
-    from egressd.dataplane.nft_render import WallKind, render_wall
-
-    def look() -> Any:
-        return inspect_container(
-            container_id=world.container_id,
-            netns_path=world.path,
-            allocation=world.allocation,
-            table=world.table,
-        )
+    from egressd.dataplane.nft_render import render_wall
 
     world.apply()
-    assert look().proxy_enforced
+    assert world.inspect().proxy_enforced
     script = render_wall(world.table, WallKind.PROXY, allocation=world.allocation)
     block = script[script.index(f"table inet {world.table} {{") :]
     one_line = "".join(
@@ -751,8 +729,10 @@ def test_a_wall_that_leaves_without_a_new_generation_is_not_reported(world: Worl
         while "owner" not in sh("ip", "netns", "exec", world.ns, "nft", "list", "ruleset"):
             assert time.monotonic() < deadline, owner.stderr.read() if owner.stderr else ""
             time.sleep(0.05)
-        assert look().wall is None  # flags: not taken for ours, though the rules are the same
-        assert look().wall is None
+        assert (
+            world.inspect().wall is None
+        )  # flags: not taken for ours, though the rules are the same
+        assert world.inspect().wall is None
     finally:
         if owner.stdin is not None:
             owner.stdin.close()
@@ -760,7 +740,7 @@ def test_a_wall_that_leaves_without_a_new_generation_is_not_reported(world: Worl
         if owner.stderr is not None:
             owner.stderr.close()
     assert world.wall() is None  # gone with its socket
-    seen = look()
+    seen = world.inspect()
     assert seen.wall is None and not seen.proxy_enforced
 
 
@@ -816,12 +796,7 @@ def test_works_in_a_process_holding_more_than_1024_fds(world: World) -> None:
             fillers.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
         assert fillers[-1] >= 1024
         world.apply()
-        seen = inspect_container(
-            container_id=world.container_id,
-            netns_path=world.path,
-            allocation=world.allocation,
-            table=world.table,
-        )
+        seen = world.inspect()
         assert seen.proxy_enforced
         assert list_table(world.table, netns_path=world.path) is not None
     finally:
