@@ -263,7 +263,7 @@ def idle_cpu(
 ) -> dict[str, float]:
     """CPU of the daemon over ``seconds`` with nothing asked of it.
 
-    Its own and that of the processes it ran meanwhile (``nft``, ``ip``):
+    Its own and that of the processes it ran meanwhile (``nft``):
     those are part of what the daemon costs.
     """
     time.sleep(warmup)

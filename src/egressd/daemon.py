@@ -1,6 +1,6 @@
 """Wiring of the server processes: ``serve`` (API + agent), ``api``, ``agent``.
 
-* ``serve``: uvicorn's asyncio loop runs the API and the relay; the agent's
+* ``serve``: uvicorn's event loop (uvloop) runs the API and the relay; the agent's
   reconciler and heartbeat run in their own threads. SQLite by default.
 * ``api``: the API only (no root, no kernel), on PostgreSQL, any number of
   replicas.
