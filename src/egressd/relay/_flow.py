@@ -162,9 +162,10 @@ class Flow:
             if not src.readable:
                 return False
             received = self._splice_in() if self.bulk else self._read_in()
-            if received == 0:
-                self._ended(other)
-                return False
+            if received <= 0:
+                if received == 0:
+                    self._ended(other)
+                return False  # ended, or nothing came (EAGAIN)
             moved += received
         return True
 
