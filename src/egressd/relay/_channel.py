@@ -36,7 +36,9 @@ KEEPALIVE_COUNT = 4
 
 
 def tune_tcp(sock: socket.socket) -> None:
-    """Options for both legs of a relayed connection.
+    """Options for a relay socket: listeners (accepted sockets inherit them), https
+    and DNS proxy legs, DNS clients. Spliced proxy legs get NODELAY at once and
+    keepalive later (``_spliced.KEEPALIVE_DELAY``).
 
     NODELAY: the relay forwards segments as they come; Nagle on top would
     add delayed-ACK stalls the original sender never asked for.

@@ -63,7 +63,7 @@ def format_endpoint(host: str, port: int) -> str:
 
 
 def pack_ip(host: str) -> tuple[int, bytes]:
-    """``(4 or 6, packed address)`` of an IP literal, at C speed (per connection)."""
+    """``(4 or 6, packed address)`` of an IP literal, at C speed."""
     try:
         return 4, socket.inet_pton(socket.AF_INET, host)
     except OSError:

@@ -20,8 +20,9 @@ TCP, :mod:`egressd.relay._dns`) next to its listener, asking those servers
 through the same upstream.
 
 Concurrency model: everything runs on one event loop. Each listener is
-watched with ``loop.add_reader`` for its whole life; the callback accepts
-what is pending and starts each connection at once. A spliced connection is
+watched with ``loop.add_reader`` (for its whole life, but for a pause of
+``_ACCEPT_RETRY_DELAY`` after running out of descriptors or memory); the
+callback accepts what is pending and starts each connection at once. A spliced connection is
 driven by the relay's :class:`EdgePoller` (no task); an ``https`` one is a
 task in its container's :class:`TaskSet`. Each container keeps its
 connections, so ``remove_listener`` aborts exactly those. Listener changes

@@ -280,7 +280,8 @@ class SplicedConnection:
     # -- connecting and the handshake --------------------------------------------------------
 
     def _connect_next(self) -> None:
-        """A socket connecting to the next address, or :class:`UpstreamUnreachable`."""
+        """Set ``_upstream`` to a socket connecting to the next address that takes the
+        connect; :class:`UpstreamUnreachable` when none is left."""
         shared = self._shared
         for family, address in self._addresses:
             sock = socket.socket(family, _STREAM)
