@@ -12,7 +12,12 @@ from egressd.relay import (
     TunnelReady,
     UpstreamConnectRejected,
 )
-from egressd.relay._socks5 import REPLY_MEANINGS, Socks5State
+from egressd.relay._socks5 import (
+    REPLY_MEANINGS,
+    Socks5State,
+    quick_opening_bytes,
+    quick_reply,
+)
 
 DEST = ("198.18.2.2", 80)
 LABEL = "socks5 proxy 198.18.1.2:1080"
@@ -328,3 +333,43 @@ def test_pipelining_needs_a_destination() -> None:
     assert hs.initiate() == [SendBytes(b"\x05\x01\x00")]
     assert hs.receive_data(b"\x05\x00") == [Authenticated()]
     assert hs.is_done
+
+
+# -- the quick opening (pipelined, no credentials) the spliced relay sends itself ---------
+
+
+def test_quick_opening_is_what_a_pipelined_handshake_sends() -> None:
+    """The relay's fallback relies on it: the handshake it makes late sent the same bytes."""
+    hs = Socks5Handshake(destination=DEST, pipeline=True)
+    assert hs.initiate() == [SendBytes(quick_opening_bytes(*DEST))]
+    assert quick_opening_bytes(*DEST) == b"\x05\x01\x00" + REQUEST_V4
+
+
+def test_quick_reply_takes_both_yes_replies_and_keeps_what_follows() -> None:
+    assert quick_reply(b"\x05\x00" + OK_REPLY_V4) == b""
+    assert quick_reply(b"\x05\x00" + OK_REPLY_V4 + b"220 ready") == b"220 ready"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x05\x00",  # the method reply alone
+        b"\x05\x00" + OK_REPLY_V4[:-1],  # the CONNECT reply cut short
+        b"\x05\xff",  # no acceptable method
+        b"\x05\x00\x05\x05\x00\x01" + bytes(6),  # refused by the destination
+        b"\x05\x00\x05\x00\x00\x04" + bytes(18),  # IPv6 bound address
+        b"\x05\x00\x05\x00\x00\x03\x00\x00\x00",  # empty domain: the shortest pair there is
+        b"",
+    ],
+)
+def test_anything_else_is_left_to_the_handshake(data: bytes) -> None:
+    assert quick_reply(data) is None
+
+
+def test_pipelined_handshake_takes_both_replies_in_one_read() -> None:
+    hs = Socks5Handshake(destination=DEST, pipeline=True)
+    hs.initiate()
+    events = hs.receive_data(b"\x05\x00" + OK_REPLY_V4 + b"hi")
+    assert events == [Authenticated(), TunnelReady(early_payload=b"hi")]
+    assert hs.is_done and hs.state is Socks5State.DONE
+    assert hs.bound_address == ("10.0.0.1", 8080)

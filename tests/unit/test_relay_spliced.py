@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from egressd.model import NetworkType, ProxySpec
-from egressd.relay import Relay, _flow
+from egressd.relay import Relay, _flow, _spliced
 from egressd.relay._channel import LINGER_RESET
 from egressd.relay._flow import Leg
 from egressd.relay._poller import WATCH_READS, EdgePoller
@@ -365,3 +365,58 @@ async def test_proxy_connect_that_does_not_complete_at_once_is_waited_for(
     finally:
         filler.close()
         listener.close()
+
+
+@async_test
+async def test_quick_opening_takes_a_split_answer_in_one_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The proxy sends its method reply at once and the CONNECT reply 0.1 s later; the
+    relay's proxy leg wakes for both together (SO_RCVLOWAT), not once for each."""
+    seen: list[bytes] = []
+    quick_reply = _spliced.quick_reply
+
+    def spy(data: bytes) -> bytes | None:
+        seen.append(data)
+        return quick_reply(data)
+
+    monkeypatch.setattr(_spliced, "quick_reply", spy)
+    async with (
+        EchoServer() as echo,
+        Socks5Server(reply_delay=0.1) as proxy,
+        relay_for(Target(echo.address), spec(NetworkType.SOCKS5, proxy.port)) as (_r, address),
+        connection(address) as (reader, writer),
+    ):
+        await exchange(reader, writer, b"both replies at once")
+    assert len(seen) == 1 and seen[0].startswith(b"\x05\x00\x05\x00")
+
+
+@async_test
+async def test_one_byte_answers_pass_at_once_after_a_quick_opening() -> None:
+    """Held-back reads end with the handshake: a 1-byte answer is not kept waiting."""
+    async with (
+        EchoServer() as echo,
+        Socks5Server() as proxy,
+        relay_for(Target(echo.address), spec(NetworkType.SOCKS5, proxy.port)) as (_r, address),
+        connection(address) as (reader, writer),
+    ):
+        for byte in (b"a", b"b", b"c"):
+            await asyncio.wait_for(exchange(reader, writer, byte), timeout=2.0)
+
+
+@async_test
+async def test_a_refusal_after_a_quick_opening_is_reported_as_such(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Not the quick yes: the handshake proper takes the answer and names the refusal."""
+    caplog.set_level(logging.INFO, logger="egressd.relay")
+    async with (
+        Socks5Server() as proxy,  # refuses anything but loopback, without network
+        relay_for(Target(("198.18.0.1", 9)), spec(NetworkType.SOCKS5, proxy.port)) as (
+            relay,
+            address,
+        ),
+    ):
+        assert await refused_by_relay(address) == b""
+        await wait_for(lambda: relay.active_connections(CID) == 0)
+    assert "connection refused by destination (reply 0x05)" in caplog.text

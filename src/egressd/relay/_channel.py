@@ -35,7 +35,7 @@ KEEPALIVE_INTERVAL = 15
 KEEPALIVE_COUNT = 4
 
 
-def tune_tcp(sock: socket.socket) -> None:
+def tune_tcp(sock: socket.SocketType) -> None:
     """Options for a relay socket: listeners (accepted sockets inherit them), https
     and DNS proxy legs, DNS clients. Spliced proxy legs get NODELAY at once and
     keepalive later (``_spliced.KEEPALIVE_DELAY``).
@@ -48,7 +48,7 @@ def tune_tcp(sock: socket.socket) -> None:
         tune_keepalive(sock)
 
 
-def tune_keepalive(sock: socket.socket) -> None:
+def tune_keepalive(sock: socket.SocketType) -> None:
     """Keepalive after ``KEEPALIVE_IDLE`` seconds of silence (raises ``OSError``).
 
     The spliced path sets it on its proxy legs a moment after the connect,
@@ -62,7 +62,7 @@ def tune_keepalive(sock: socket.socket) -> None:
     setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
 
 
-def reset_socket(sock: socket.socket) -> None:
+def reset_socket(sock: socket.SocketType) -> None:
     """Close ``sock`` with RST: the peer learns that something went wrong. Idempotent."""
     if sock.fileno() != -1:
         with contextlib.suppress(OSError):

@@ -33,9 +33,10 @@ from egressd.errors import UpstreamAuthFailed, UpstreamError, UpstreamUnreachabl
 from egressd.model import NetworkType, ProxySpec
 from egressd.relay._channel import Channel, SocketChannel, reset_socket
 from egressd.relay._errors import UpstreamConnectRejected
-from egressd.relay._events import format_endpoint
+from egressd.relay._events import ClientHandshake, format_endpoint
 from egressd.relay._pump import pump
-from egressd.relay._spliced import ProxyAddress, SplicedConnection, SpliceShared
+from egressd.relay._socks5 import quick_opening_bytes
+from egressd.relay._spliced import ProxyAddress, QuickOpening, SplicedConnection, SpliceShared
 from egressd.relay._tasks import TaskSet
 from egressd.relay._upstream import (
     Tunnel,
@@ -47,7 +48,7 @@ from egressd.relay._upstream import (
 
 logger = logging.getLogger("egressd.relay")
 
-OriginalDst = Callable[[socket.socket], tuple[str, int]]
+OriginalDst = Callable[[socket.SocketType], tuple[str, int]]
 
 
 class ContainerConnections:
@@ -113,12 +114,14 @@ class ConnectionStarter:
         container_id: str,
         upstream: ProxySpec,
         registry: ContainerConnections,
-        client: socket.socket,
+        client: socket.SocketType,
         peer: tuple[str, int],
         destination: tuple[str, int],
     ) -> None:
         """Relay ``client`` to ``destination`` via ``upstream``; takes ownership of ``client``."""
         if upstream.scheme is NetworkType.HTTPS:
+            if not isinstance(client, socket.socket):  # the loop's sock_* calls want one
+                client = socket.socket(client.family, client.type, 0, client.detach())
             task = registry.tasks.spawn(
                 self._serve_tls(container_id, upstream, client, peer, destination),
                 name=f"relay-{container_id[:12]}-{format_endpoint(*peer[:2])}",
@@ -127,13 +130,23 @@ class ConnectionStarter:
             task.add_done_callback(functools.partial(_close_socket, client))
             return
         label, addresses = registry.plan_for(upstream)
+        handshake: ClientHandshake | QuickOpening
         try:
-            handshake = make_handshake(
-                upstream,
-                destination,
-                label=label,
-                pipeline=self._socks5_pipelining,
-            )
+            if (
+                upstream.scheme is NetworkType.SOCKS5
+                and upstream.username is None
+                and self._socks5_pipelining
+            ):
+                handshake = (
+                    quick_opening_bytes(*destination),
+                    functools.partial(
+                        make_handshake, upstream, destination, label=label, pipeline=True
+                    ),
+                )
+            else:
+                handshake = make_handshake(
+                    upstream, destination, label=label, pipeline=self._socks5_pipelining
+                )
         except ValueError as exc:  # e.g. destination port 0
             log_outcome(container_id, peer, destination, upstream, exc)
             reset_socket(client)

@@ -40,7 +40,7 @@ def parse_sockaddr(raw: bytes) -> tuple[str, int]:
     raise ValueError(f"unexpected sockaddr (family {family}, {len(raw)} bytes)")
 
 
-def original_destination(sock: socket.socket) -> tuple[str, int]:
+def original_destination(sock: socket.SocketType) -> tuple[str, int]:
     """The pre-NAT destination of an accepted, redirected TCP connection.
 
     Raises ``OSError`` (ENOENT) when the connection was not NATed, i.e. it

@@ -74,23 +74,23 @@ class EdgePoller:
         self._epoll = select.epoll()
         self._handlers: dict[int, EdgeHandler] = {}
         self._dispatching = False
-        self._closing: list[socket.socket] = []
+        self._closing: list[socket.SocketType] = []
         loop.add_reader(self._epoll.fileno(), self._dispatch)
 
     def __len__(self) -> int:
         return len(self._handlers)
 
-    def register(self, sock: socket.socket, handler: EdgeHandler, events: int) -> None:
+    def register(self, sock: socket.SocketType, handler: EdgeHandler, events: int) -> None:
         """Watch ``sock`` for ``events`` until :meth:`close`; what is ready is reported at once."""
         fd = sock.fileno()
         self._epoll.register(fd, events)
         self._handlers[fd] = handler
 
-    def modify(self, sock: socket.socket, events: int) -> None:
+    def modify(self, sock: socket.SocketType, events: int) -> None:
         """Change what ``sock`` is watched for; what is ready already is reported at once."""
         self._epoll.modify(sock.fileno(), events)
 
-    def close(self, sock: socket.socket, *, reset: bool = False) -> None:
+    def close(self, sock: socket.SocketType, *, reset: bool = False) -> None:
         """Forget ``sock`` and close it (at the end of the current batch, if any).
 
         ``reset``: with RST instead of FIN, so the peer learns something went wrong.

@@ -82,6 +82,35 @@ def connect_request(host: str, port: int) -> bytes:
     return bytes((SOCKS_VERSION, CMD_CONNECT, 0x00, atyp)) + packed + port.to_bytes(2, "big")
 
 
+# Method reply "no auth" + CONNECT reply "succeeded", RSV, ATYP IPv4; then 4 + 2 bytes.
+AUTHENTICATED = Authenticated()  # no fields: one value serves every handshake
+
+# What a pipelined handshake without credentials sends first, and the two replies
+# that say yes to it: method 0x00, then CONNECT succeeded (VER REP RSV ATYP=IPv4,
+# 4 address and 2 port bytes: what dante and most servers answer to an IPv4 request).
+_GREETING_NO_AUTH = bytes((SOCKS_VERSION, 1, METHOD_NO_AUTH))
+_QUICK_REPLY_HEAD = bytes((SOCKS_VERSION, METHOD_NO_AUTH, SOCKS_VERSION, 0x00, 0x00, ATYP_IPV4))
+_QUICK_REPLY_LEN = len(_QUICK_REPLY_HEAD) + 4 + 2
+
+
+@functools.lru_cache(maxsize=4096)
+def quick_opening_bytes(host: str, port: int) -> bytes:
+    """The greeting offering only 0x00, then the CONNECT request (cached per destination)."""
+    return _GREETING_NO_AUTH + connect_request(host, port)
+
+
+def quick_reply(data: bytes) -> bytes | None:
+    """The bytes behind both replies when ``data`` starts with a yes to both, else None.
+
+    The relay sends :func:`quick_opening_bytes` and makes a :class:`Socks5Handshake`
+    only when the proxy's first answer is anything else (see ``_spliced``); a
+    handshake made with ``pipeline=True`` and no credentials sends the same bytes.
+    """
+    if len(data) >= _QUICK_REPLY_LEN and data.startswith(_QUICK_REPLY_HEAD):
+        return data[_QUICK_REPLY_LEN:]
+    return None
+
+
 def reply_meaning(code: int) -> str:
     return REPLY_MEANINGS.get(code, "unassigned reply code")
 
@@ -125,11 +154,10 @@ class Socks5Handshake:
         self._proxy_label = proxy_label
         self._buffer = bytearray()
         self.state = Socks5State.IDLE
+        self.is_done = False  # state is DONE (an attribute: asked on every read)
         self.bound_address: tuple[str, int] | None = None
-
-    @property
-    def is_done(self) -> bool:
-        return self.state is Socks5State.DONE
+        # Pipelined without credentials: a first read may hold both replies (quick_reply).
+        self._quick = self._pipeline and self._auth_request is None
 
     @property
     def _target(self) -> str:
@@ -157,6 +185,17 @@ class Socks5Handshake:
     def receive_data(self, data: bytes) -> list[Event]:
         if self.state in (Socks5State.IDLE, Socks5State.DONE, Socks5State.FAILED):
             raise RuntimeError(f"receive_data() in state {self.state.value}")
+        if self._quick:
+            self._quick = False  # the first read only
+            early = quick_reply(data)
+            if early is not None:
+                self.bound_address = (
+                    socket.inet_ntop(socket.AF_INET, data[6:10]),
+                    int.from_bytes(data[10:12], "big"),
+                )
+                self.state = Socks5State.DONE
+                self.is_done = True
+                return [AUTHENTICATED, TunnelReady(early_payload=early)]
         self._buffer += data
         events: list[Event] = []
         try:
@@ -197,12 +236,13 @@ class Socks5Handshake:
     def _after_auth(self) -> list[Event]:
         if self._destination is None:
             self.state = Socks5State.DONE
-            return [Authenticated()]
+            self.is_done = True
+            return [AUTHENTICATED]
         self.state = Socks5State.AWAIT_REPLY
         if self._request_sent:
-            return [Authenticated()]
+            return [AUTHENTICATED]
         self._request_sent = True
-        return [Authenticated(), SendBytes(self._request)]
+        return [AUTHENTICATED, SendBytes(self._request)]
 
     def _on_method(self) -> list[Event] | None:
         if len(self._buffer) < 2:
@@ -300,4 +340,5 @@ class Socks5Handshake:
         early = bytes(buf[end:])
         buf.clear()
         self.state = Socks5State.DONE
+        self.is_done = True
         return [TunnelReady(early_payload=early)]

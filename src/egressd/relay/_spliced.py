@@ -25,13 +25,22 @@ the loop after ``TURN_BUDGET`` bytes (``call_soon``), because a source that
 was not drained will not announce itself again.
 
 Timeouts: two :class:`DeadlineQueue` objects (connect, handshake) shared by
-all connections, one timer each, not a timer per connection.
+all connections, one timer each, not a timer per connection. A connect that
+completes within the call (the usual case on a local network: the greeting
+goes out at once) never enters the connect queue.
 
 Per-connection cost is what bounds connections per second, so the fast path
 creates little: the proxy leg gets ``TCP_NODELAY`` at once but its keepalive
 options (four ``setsockopt``) only ``KEEPALIVE_DELAY`` seconds later, in one
 batch for every proxy leg still open then (a short connection is long gone,
 and the first probe is due only after ``KEEPALIVE_IDLE`` seconds anyway).
+Sockets are the C type (``_socket.socket``), without ``socket.socket``'s
+Python layer. A SOCKS5 upstream without credentials (pipelined) gets a
+:data:`QuickOpening`: its bytes are cached per destination, no handshake
+object is made unless the proxy answers anything but a plain yes, and the
+proxy leg's ``SO_RCVLOWAT`` holds its wake-up until both replies are in
+(dante sends the method reply at once and the CONNECT reply after its own
+connect: two wake-ups otherwise, in about half the connections).
 
 Concurrency model: every method runs on the event loop thread, from the
 poller's dispatch, a deadline, ``call_soon`` or the relay; nothing blocks.
@@ -40,6 +49,7 @@ poller's dispatch, a deadline, ``call_soon`` or the relay; nothing blocks.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import contextlib
 import enum
@@ -54,14 +64,27 @@ from egressd.relay._deadlines import DeadlineQueue
 from egressd.relay._events import ClientHandshake, SendBytes, TunnelReady, errno_reason
 from egressd.relay._flow import Flow, FlowResources, Leg
 from egressd.relay._poller import FAILED, PEER_DONE, PEER_FIN, READABLE, WRITABLE, EdgePoller
+from egressd.relay._socks5 import quick_reply
 
 HANDSHAKE_RECV = 4096  # replies are tiny; more just takes another read
 KEEPALIVE_DELAY = 1.0  # seconds before a proxy leg still open gets its keepalive options
 _NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+# While a quick opening waits for its answer, the proxy leg wakes the relay only once
+# that many bytes are in (or at EOF / error): the two replies in one wake-up instead of
+# two (dante sends the method reply at once, the CONNECT reply after its connect). 9 is
+# the shortest pair a server can send (method reply, then a CONNECT reply naming an
+# empty domain), so no answer is ever held back; back to 1 before anything else is read.
+_QUICK_LOWAT = (socket.SOL_SOCKET, socket.SO_RCVLOWAT, 9)
+_PLAIN_LOWAT = (socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 _STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
 _CONNECT_OK = frozenset({0, errno.EINPROGRESS})
 
 ProxyAddress = tuple[int, tuple[str, int]]  # (family, sockaddr)
+# A pipelined SOCKS5 opening without credentials (``_socks5.quick_opening_bytes``) and
+# what makes the handshake that would have sent it: made only when the proxy's first
+# answer is not the plain yes that ``_socks5.quick_reply`` takes (one object and five
+# calls fewer per connection). A plain tuple: a NamedTuple costs a Python call to make.
+QuickOpening = tuple[bytes, Callable[[], ClientHandshake]]
 OnClose = Callable[["SplicedConnection", BaseException | None], None]
 
 
@@ -87,10 +110,10 @@ class SpliceShared:
         self.handshaking: DeadlineQueue[SplicedConnection] = DeadlineQueue(
             loop, timeout=handshake_timeout, on_expired=SplicedConnection.expire
         )
-        self._untuned: list[socket.socket] = []  # proxy legs waiting for keepalive
+        self._untuned: list[socket.SocketType] = []  # proxy legs waiting for keepalive
         self._tuner: asyncio.TimerHandle | None = None
 
-    def tune_later(self, sock: socket.socket) -> None:
+    def tune_later(self, sock: socket.SocketType) -> None:
         """Keepalive for ``sock`` in about ``KEEPALIVE_DELAY`` seconds, if still open."""
         self._untuned.append(sock)
         if self._tuner is None:
@@ -136,6 +159,8 @@ class SplicedConnection:
         "_label",
         "_on_close",
         "_outgoing",
+        "_queue",
+        "_quick",
         "_resolver",
         "_resume",
         "_shared",
@@ -147,14 +172,25 @@ class SplicedConnection:
     def __init__(
         self,
         *,
-        client: socket.socket,
-        handshake: ClientHandshake,
+        client: socket.SocketType,
+        handshake: ClientHandshake | QuickOpening,
         proxy_label: str,
         shared: SpliceShared,
         on_close: OnClose,
     ) -> None:
+        """``handshake``: a fresh one, or a :data:`QuickOpening` that makes one only
+        if the proxy's first answer is not the one expected."""
         self._shared = shared
-        self._handshake: ClientHandshake | None = handshake
+        self._handshake: ClientHandshake | None
+        self._quick: QuickOpening | None
+        if isinstance(handshake, tuple):
+            self._handshake, self._quick = None, handshake
+            self._outgoing = handshake[0]
+        else:
+            self._handshake, self._quick = handshake, None
+            self._outgoing = b"".join(  # handshake bytes not yet sent
+                event.data for event in handshake.initiate() if isinstance(event, SendBytes)
+            )
         self._label = proxy_label
         self._on_close = on_close
         self.phase = _CONNECTING
@@ -165,12 +201,13 @@ class SplicedConnection:
         self._upstream: Leg | None = None
         self._addresses: Iterator[ProxyAddress] = iter(())
         self._connect_error: OSError | None = None
-        self._outgoing = b""  # handshake bytes not yet sent
         self._early = b""  # destination bytes that came with the proxy's reply
         self._flows: tuple[Flow, Flow] | None = None
         self._resume: asyncio.Handle | None = None
         self._resolver: asyncio.Task[None] | None = None
-        shared.connecting.add(self)
+        # The deadline queue the connection is in: ``connecting`` from the lookup or a
+        # connect that did not complete at once, then ``handshaking``; None otherwise.
+        self._queue: DeadlineQueue[SplicedConnection] | None = None
         shared.poller.register(client, self, self._client.interest())
 
     # -- what the relay sees -----------------------------------------------------------------
@@ -192,6 +229,10 @@ class SplicedConnection:
         try:
             self._connect_next()
             self._step()
+            if self.phase is _CONNECTING and self._queue is None:
+                # The connect did not take the greeting at once: it gets its deadline.
+                self._queue = self._shared.connecting
+                self._queue.add(self)
         except (UpstreamError, OSError) as exc:
             self.fail(exc)
         except BaseException:
@@ -199,8 +240,12 @@ class SplicedConnection:
             raise
 
     def resolve_with(self, task: asyncio.Task[None]) -> None:
-        """``task`` looks the proxy up and then calls :meth:`start` or :meth:`fail`."""
+        """``task`` looks the proxy up and then calls :meth:`start` or :meth:`fail`.
+
+        The connect deadline covers the lookup."""
         self._resolver = task
+        self._queue = self._shared.connecting
+        self._queue.add(self)
 
     def fail(self, error: BaseException) -> None:
         """End with RST on both legs, reporting ``error``."""
@@ -264,18 +309,13 @@ class SplicedConnection:
         if self.phase is _RELAYING:
             self._relay_step()
         if self.phase is not _CLOSED:
-            self._sync()
-
-    def _sync(self) -> None:
-        """What the steps just decided to watch, into the epoll set (rarely a change).
-
-        Not after the connection closed: its sockets are closed (or about to be).
-        """
-        client, upstream = self._client, self._upstream
-        if client.stale:
-            client.sync(self._shared.poller)
-        if upstream is not None and upstream.stale:
-            upstream.sync(self._shared.poller)
+            # What the steps decided to watch, into the epoll set (rarely a change).
+            # Not after the connection closed: its sockets are closed (or about to be).
+            if self._client.stale:
+                self._client.sync(self._shared.poller)
+            upstream = self._upstream
+            if upstream is not None and upstream.stale:
+                upstream.sync(self._shared.poller)
 
     # -- connecting and the handshake --------------------------------------------------------
 
@@ -284,12 +324,15 @@ class SplicedConnection:
         connect; :class:`UpstreamUnreachable` when none is left."""
         shared = self._shared
         for family, address in self._addresses:
-            sock = socket.socket(family, _STREAM)
+            # The C socket type: socket.socket's Python layer would add three calls.
+            sock = _socket.socket(family, _STREAM)
             try:
                 try:  # noqa: SIM105 - best effort, without a context manager per connection
                     sock.setsockopt(*_NODELAY)
                 except OSError:
                     pass
+                if self._quick is not None:
+                    sock.setsockopt(*_QUICK_LOWAT)
                 code = sock.connect_ex(address)
                 if code not in _CONNECT_OK:
                     raise OSError(code, os.strerror(code))
@@ -313,13 +356,8 @@ class SplicedConnection:
         raise UpstreamUnreachable(f"cannot connect to {self._label}: {reason}")
 
     def _handshake_step(self) -> None:
-        handshake = self._handshake
-        if self._upstream is None or handshake is None:
+        if self._upstream is None:
             return  # still resolving the proxy's name
-        if self.phase is _CONNECTING and not self._outgoing:
-            for event in handshake.initiate():
-                if isinstance(event, SendBytes):
-                    self._outgoing += event.data
         while True:
             up = self._upstream
             assert up is not None  # replaced after a failed connect, or raised
@@ -341,13 +379,16 @@ class SplicedConnection:
                     continue
                 if self.phase is _CONNECTING:
                     self.phase = _HANDSHAKE
-                    self._shared.connecting.discard(self)
-                    self._shared.handshaking.add(self)
+                    if self._queue is not None:
+                        self._queue.discard(self)
+                    self._queue = self._shared.handshaking
+                    self._queue.add(self)
                 if sent < len(self._outgoing):
                     up.full()
                 self._outgoing = self._outgoing[sent:]
                 continue
-            if handshake.is_done:
+            handshake = self._handshake
+            if handshake is not None and handshake.is_done:
                 break
             if not up.readable:
                 return
@@ -358,11 +399,21 @@ class SplicedConnection:
                 return
             except OSError as exc:
                 raise self._broken(exc) from None
+            if len(data) < HANDSHAKE_RECV:
+                up.drained()
+            if handshake is None:  # the quick opening went out
+                assert self._quick is not None
+                early = quick_reply(data)
+                up.sock.setsockopt(*_PLAIN_LOWAT)
+                if early is not None:
+                    self._early = early
+                    break
+                # Anything else is for the handshake proper, which sent the same bytes.
+                handshake = self._handshake = self._quick[1]()
+                handshake.initiate()
             if not data:
                 handshake.receive_eof()
                 raise UpstreamProtocolError("proxy closed the connection during the handshake")
-            if len(data) < HANDSHAKE_RECV:
-                up.drained()
             for event in handshake.receive_data(data):
                 if isinstance(event, SendBytes):
                     self._outgoing += event.data
@@ -376,11 +427,11 @@ class SplicedConnection:
     def _tunnel_ready(self) -> None:
         upstream = self._upstream
         assert upstream is not None
-        if self.phase is _CONNECTING:  # a handshake that sent nothing (none does today)
-            self._shared.connecting.discard(self)
-        self._shared.handshaking.discard(self)
+        if self._queue is not None:
+            self._queue.discard(self)
+            self._queue = None
         self.phase = _RELAYING
-        self._handshake = None
+        self._handshake = self._quick = None
         self._client.watch_reads(True)
         io = self._shared.io
         self._flows = (
@@ -404,9 +455,7 @@ class SplicedConnection:
         self._resume = None
         if self.phase is _RELAYING:
             try:
-                self._relay_step()
-                if self.phase is _RELAYING:
-                    self._sync()
+                self._step()
             except OSError as exc:
                 self.fail(exc)
             except BaseException:
@@ -414,24 +463,26 @@ class SplicedConnection:
                 raise
 
     def _close(self, error: BaseException | None, *, reset: bool) -> None:
-        phase = self.phase
-        if phase is _CLOSED:
+        if self.phase is _CLOSED:
             return
         self.phase = _CLOSED
         self.orderly = error is None and not reset
         shared = self._shared
-        if phase is not _RELAYING:  # a relaying one left both queues already
-            shared.connecting.discard(self)
-            shared.handshaking.discard(self)
-        for handle in (self._resume, self._resolver):
-            if handle is not None:
-                handle.cancel()
-        self._resume = self._resolver = None
-        self._handshake = None
+        if self._queue is not None:
+            self._queue.discard(self)
+            self._queue = None
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
+        if self._resolver is not None:
+            self._resolver.cancel()
+            self._resolver = None
+        self._handshake = self._quick = None
         if self._flows is not None:
             for flow in self._flows:
-                flow.release()
-        for leg in (self._client, self._upstream):
-            if leg is not None:
-                shared.poller.close(leg.sock, reset=reset)
+                if flow.pipe is not None:
+                    flow.release()
+        shared.poller.close(self._client.sock, reset=reset)
+        if self._upstream is not None:
+            shared.poller.close(self._upstream.sock, reset=reset)
         self._on_close(self, error)
