@@ -303,6 +303,26 @@ async def test_loop_guard_refuses_the_listener_itself() -> None:
 
 
 @async_test
+async def test_loop_guard_refuses_a_wildcard_listener_reached_on_any_address() -> None:
+    """Bound to 0.0.0.0, the listener is reached as 127.0.0.1:port: that is itself too."""
+    async with Socks5Server() as proxy:
+        relay = Relay(original_dst=Target(("0.0.0.0", 0)), connect_timeout=2.0)
+        try:
+            await relay.ensure_listener(
+                container_id=CID,
+                listen_ip="0.0.0.0",
+                port=0,
+                upstream=spec(NetworkType.SOCKS5, proxy.port),
+            )
+            port = relay.listener_addresses()[CID][1]
+            relay._original_dst = Target((LOOPBACK, port))
+            assert await refused_by_relay((LOOPBACK, port)) == b""
+        finally:
+            await relay.close()
+        assert proxy.accepted == 0
+
+
+@async_test
 async def test_unreachable_upstream_closes_client() -> None:
     async with EchoServer() as echo:
         upstream = spec(NetworkType.SOCKS5, free_port())

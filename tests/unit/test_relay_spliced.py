@@ -420,3 +420,11 @@ async def test_a_refusal_after_a_quick_opening_is_reported_as_such(
         assert await refused_by_relay(address) == b""
         await wait_for(lambda: relay.active_connections(CID) == 0)
     assert "connection refused by destination (reply 0x05)" in caplog.text
+
+
+def test_legs_are_registered_for_what_they_want() -> None:
+    """The registration constants are what Leg.interest() says of a new leg."""
+    a, b = socket.socketpair()
+    with a, b:
+        assert Leg(a, readable=True, want_reads=False).interest() == _spliced._CLIENT_WATCH
+        assert Leg(b, readable=False, want_reads=True).interest() == _spliced._UPSTREAM_WATCH

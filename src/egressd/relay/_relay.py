@@ -72,6 +72,8 @@ logger = logging.getLogger("egressd.relay")
 _ACCEPT_RETRY_DELAY = 0.1
 _ACCEPT_BATCH = 64  # per wake-up; the rest waits one loop iteration, so others get a turn
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# A socket's family as a plain int: ``socket.family`` makes an enum of it on every call.
+_socket_family = _socket.socket.family.__get__
 
 
 @dataclass(eq=False)
@@ -340,7 +342,7 @@ class Relay:
         # socket.accept() without its Python wrapper: that one converts the listener's
         # family and type to enums and asks for the default timeout, every time.
         accept = listen_socket._accept  # type: ignore[attr-defined]
-        family = listen_socket.family.value
+        family = _socket_family(listen_socket)
         for _ in range(_ACCEPT_BATCH):
             try:
                 fd, peer = accept()
@@ -381,14 +383,10 @@ class Relay:
 
     # -- connections -----------------------------------------------------------------------
 
-    def _is_loop(
-        self, destination: tuple[str, int], client: socket.SocketType, state: _Container
-    ) -> bool:
-        """Does ``destination`` (normalized) lead back into the relay itself?"""
-        if destination in self._own_endpoints:
-            return True
-        if not state.wildcard:
-            return False
+    @staticmethod
+    def _is_wildcard_loop(destination: tuple[str, int], client: socket.SocketType) -> bool:
+        """Is ``destination`` (normalized) the address a wildcard listener took ``client``
+        on? That, and the relay's own endpoints, lead back into the relay itself."""
         try:
             return destination == _normalize(client.getsockname()[:2])
         except OSError:
@@ -410,7 +408,9 @@ class Relay:
             )
             reset_socket(client)
             return
-        if self._is_loop(destination, client, state):
+        if destination in self._own_endpoints or (
+            state.wildcard and self._is_wildcard_loop(destination, client)
+        ):
             logger.warning(
                 "container %s: %s -> %s points at a relay listener; refused",
                 container_id,

@@ -63,7 +63,16 @@ from egressd.relay._channel import tune_keepalive
 from egressd.relay._deadlines import DeadlineQueue
 from egressd.relay._events import ClientHandshake, SendBytes, TunnelReady, errno_reason
 from egressd.relay._flow import Flow, FlowResources, Leg
-from egressd.relay._poller import FAILED, PEER_DONE, PEER_FIN, READABLE, WRITABLE, EdgePoller
+from egressd.relay._poller import (
+    FAILED,
+    PEER_DONE,
+    PEER_FIN,
+    READABLE,
+    WATCH_BASE,
+    WATCH_READS,
+    WRITABLE,
+    EdgePoller,
+)
 from egressd.relay._socks5 import quick_reply
 
 HANDSHAKE_RECV = 4096  # replies are tiny; more just takes another read
@@ -76,6 +85,10 @@ _NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 # empty domain), so no answer is ever held back; back to 1 before anything else is read.
 _QUICK_LOWAT = (socket.SOL_SOCKET, socket.SO_RCVLOWAT, 9)
 _PLAIN_LOWAT = (socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+# What the legs are registered for, i.e. Leg.interest() of a new client leg (not read
+# before the tunnel is up) and of a new proxy leg (read from the start).
+_CLIENT_WATCH = WATCH_BASE
+_UPSTREAM_WATCH = WATCH_BASE | WATCH_READS
 _STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
 _CONNECT_OK = frozenset({0, errno.EINPROGRESS})
 
@@ -208,7 +221,7 @@ class SplicedConnection:
         # The deadline queue the connection is in: ``connecting`` from the lookup or a
         # connect that did not complete at once, then ``handshaking``; None otherwise.
         self._queue: DeadlineQueue[SplicedConnection] | None = None
-        shared.poller.register(client, self, self._client.interest())
+        shared.poller.register(client, self, _CLIENT_WATCH)
 
     # -- what the relay sees -----------------------------------------------------------------
 
@@ -340,7 +353,7 @@ class SplicedConnection:
                 # greeting goes out at once; an unfinished connect answers EAGAIN (and
                 # its edge is watched from then on), a failed one its error.
                 leg = Leg(sock, readable=False, want_reads=True)
-                shared.poller.register(sock, self, leg.interest())
+                shared.poller.register(sock, self, _UPSTREAM_WATCH)
             except OSError as exc:
                 sock.close()
                 self._connect_error = exc
@@ -399,8 +412,8 @@ class SplicedConnection:
                 return
             except OSError as exc:
                 raise self._broken(exc) from None
-            if len(data) < HANDSHAKE_RECV:
-                up.drained()
+            if len(data) < HANDSHAKE_RECV and not up.peer_done:
+                up.readable = False  # drained (Leg.drained, without the call)
             if handshake is None:  # the quick opening went out
                 assert self._quick is not None
                 early = quick_reply(data)
@@ -445,7 +458,15 @@ class SplicedConnection:
     def _relay_step(self) -> None:
         assert self._flows is not None
         outbound, inbound = self._flows
-        busy = outbound.pump(inbound) | inbound.pump(outbound)
+        # A flow with nothing in flight whose source is watched and not readable would
+        # return at once: most events concern one direction only, so skip the call.
+        busy = False
+        src = outbound.src
+        if src.readable or outbound.pending or outbound.queued or not src.want_reads:
+            busy = outbound.pump(inbound)
+        src = inbound.src
+        if src.readable or inbound.pending or inbound.queued or not src.want_reads:
+            busy = inbound.pump(outbound) or busy
         if outbound.eof and inbound.eof:
             self._close(None, reset=False)
         elif busy and self._resume is None:
