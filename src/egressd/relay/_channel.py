@@ -62,11 +62,16 @@ def tune_keepalive(sock: socket.SocketType) -> None:
     setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
 
 
-def reset_socket(sock: socket.SocketType) -> None:
-    """Close ``sock`` with RST: the peer learns that something went wrong. Idempotent."""
+def arm_reset(sock: socket.SocketType) -> None:
+    """Make the coming ``close`` of ``sock`` send RST instead of FIN (best effort)."""
     if sock.fileno() != -1:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+
+
+def reset_socket(sock: socket.SocketType) -> None:
+    """Close ``sock`` with RST: the peer learns that something went wrong. Idempotent."""
+    arm_reset(sock)
     sock.close()
 
 

@@ -23,23 +23,24 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import ipaddress
 import logging
 import socket
 import ssl
 from collections.abc import Callable, Sequence
 
-from egressd.errors import UpstreamAuthFailed, UpstreamError, UpstreamUnreachable
+from egressd.errors import UpstreamAuthFailed, UpstreamError
 from egressd.model import NetworkType, ProxySpec
 from egressd.relay._channel import Channel, SocketChannel, reset_socket
-from egressd.relay._errors import UpstreamConnectRejected
+from egressd.relay._errors import UpstreamConnectRejected, cannot_resolve
 from egressd.relay._events import ClientHandshake, format_endpoint
 from egressd.relay._pump import pump
+from egressd.relay._sockets import ProxyAddress
 from egressd.relay._socks5 import quick_opening_bytes
-from egressd.relay._spliced import ProxyAddress, QuickOpening, SplicedConnection, SpliceShared
+from egressd.relay._spliced import QuickOpening, SplicedConnection, SpliceShared
 from egressd.relay._tasks import TaskSet
 from egressd.relay._upstream import (
     Tunnel,
+    literal_addresses,
     make_handshake,
     open_tunnel,
     proxy_addresses,
@@ -64,7 +65,7 @@ class ContainerConnections:
     def plan_for(self, spec: ProxySpec) -> tuple[str, tuple[ProxyAddress, ...] | None]:
         plan = self.plan
         if plan is None or plan[0] is not spec:
-            plan = self.plan = (spec, proxy_label(spec), _literal_addresses(spec.host, spec.port))
+            plan = self.plan = (spec, proxy_label(spec), literal_addresses(spec.host, spec.port))
         return plan[1], plan[2]
 
     def __len__(self) -> int:
@@ -77,17 +78,6 @@ class ContainerConnections:
             connection.abort()
         await self.tasks.cancel_all()
         return count
-
-
-@functools.lru_cache(maxsize=1024)
-def _literal_addresses(host: str, port: int) -> tuple[ProxyAddress, ...] | None:
-    """The proxy's one address if ``host`` is an IP literal; None for a name."""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return None
-    family = socket.AF_INET if address.version == 4 else socket.AF_INET6
-    return ((family, (str(address), port)),)
 
 
 class ConnectionStarter:
@@ -228,7 +218,7 @@ async def _look_up(connection: SplicedConnection, spec: ProxySpec) -> None:
         addresses = await proxy_addresses(spec)
     except OSError as exc:  # socket.gaierror
         reason = exc.strerror or str(exc)
-        connection.fail(UpstreamUnreachable(f"cannot resolve {proxy_label(spec)}: {reason}"))
+        connection.fail(cannot_resolve(proxy_label(spec), reason))
         return
     connection.start(addresses)
 

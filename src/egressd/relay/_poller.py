@@ -32,13 +32,12 @@ connection cannot stall the others (each event is delivered exactly once).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import select
 import socket
 from typing import Protocol
 
-from egressd.relay._channel import LINGER_RESET
+from egressd.relay._channel import arm_reset
 
 logger = logging.getLogger("egressd.relay")
 
@@ -99,8 +98,7 @@ class EdgePoller:
         if fd == -1:
             return
         if reset:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+            arm_reset(sock)
         self._handlers.pop(fd, None)
         if self._dispatching:
             self._closing.append(sock)

@@ -18,6 +18,7 @@ import socket
 from egressd.errors import KernelError
 from egressd.relay._events import format_endpoint
 
+ProxyAddress = tuple[int, tuple[str, int]]  # (family, sockaddr) to connect to a proxy
 IP_FREEBIND = 15  # linux/in.h: bind to an address not (yet) configured on any interface
 LISTEN_BACKLOG = 1024
 

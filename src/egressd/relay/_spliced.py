@@ -58,10 +58,17 @@ import os
 import socket
 from collections.abc import Callable, Iterable, Iterator
 
-from egressd.errors import UpstreamError, UpstreamProtocolError, UpstreamUnreachable
+from egressd.errors import UpstreamError, UpstreamProtocolError
 from egressd.relay._channel import tune_keepalive
 from egressd.relay._deadlines import DeadlineQueue
-from egressd.relay._events import ClientHandshake, SendBytes, TunnelReady, errno_reason
+from egressd.relay._errors import (
+    CLOSED_DURING_HANDSHAKE,
+    cannot_connect,
+    connect_timed_out,
+    connection_broke,
+    handshake_timed_out,
+)
+from egressd.relay._events import ClientHandshake, SendBytes, TunnelReady
 from egressd.relay._flow import Flow, FlowResources, Leg
 from egressd.relay._poller import (
     FAILED,
@@ -73,6 +80,7 @@ from egressd.relay._poller import (
     WRITABLE,
     EdgePoller,
 )
+from egressd.relay._sockets import ProxyAddress
 from egressd.relay._socks5 import quick_reply
 
 HANDSHAKE_RECV = 4096  # replies are tiny; more just takes another read
@@ -92,7 +100,6 @@ _UPSTREAM_WATCH = WATCH_BASE | WATCH_READS
 _STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
 _CONNECT_OK = frozenset({0, errno.EINPROGRESS})
 
-ProxyAddress = tuple[int, tuple[str, int]]  # (family, sockaddr)
 # A pipelined SOCKS5 opening without credentials (``_socks5.quick_opening_bytes``) and
 # what makes the handshake that would have sent it: made only when the proxy's first
 # answer is not the plain yes that ``_socks5.quick_reply`` takes (one object and five
@@ -272,19 +279,9 @@ class SplicedConnection:
         """The current phase's deadline passed (called by the :class:`DeadlineQueue`)."""
         shared = self._shared
         if self.phase is _CONNECTING:
-            self.fail(
-                UpstreamUnreachable(
-                    f"cannot connect to {self._label}: "
-                    f"no answer within {shared.connecting.timeout:g}s"
-                )
-            )
+            self.fail(connect_timed_out(self._label, shared.connecting.timeout))
         elif self.phase is _HANDSHAKE:
-            self.fail(
-                UpstreamUnreachable(
-                    f"{self._label} did not complete the handshake "
-                    f"within {shared.handshaking.timeout:g}s"
-                )
-            )
+            self.fail(handshake_timed_out(self._label, shared.handshaking.timeout))
 
     # -- EdgeHandler -------------------------------------------------------------------------
 
@@ -361,12 +358,7 @@ class SplicedConnection:
             shared.tune_later(sock)
             self._upstream = leg
             return
-        reason = (
-            errno_reason(self._connect_error)
-            if self._connect_error is not None
-            else "no address to connect to"
-        )
-        raise UpstreamUnreachable(f"cannot connect to {self._label}: {reason}")
+        raise cannot_connect(self._label, self._connect_error)
 
     def _handshake_step(self) -> None:
         if self._upstream is None:
@@ -384,7 +376,7 @@ class SplicedConnection:
                     return
                 except OSError as exc:
                     if self.phase is not _CONNECTING:
-                        raise self._broken(exc) from None
+                        raise connection_broke(self._label, exc) from None
                     # The connect failed; the greeting stays queued for the next address.
                     self._shared.poller.close(up.sock)
                     self._upstream, self._connect_error = None, exc
@@ -411,7 +403,7 @@ class SplicedConnection:
                 up.readable = False
                 return
             except OSError as exc:
-                raise self._broken(exc) from None
+                raise connection_broke(self._label, exc) from None
             if len(data) < HANDSHAKE_RECV and not up.peer_done:
                 up.readable = False  # drained (Leg.drained, without the call)
             if handshake is None:  # the quick opening went out
@@ -426,16 +418,13 @@ class SplicedConnection:
                 handshake.initiate()
             if not data:
                 handshake.receive_eof()
-                raise UpstreamProtocolError("proxy closed the connection during the handshake")
+                raise UpstreamProtocolError(CLOSED_DURING_HANDSHAKE)
             for event in handshake.receive_data(data):
                 if isinstance(event, SendBytes):
                     self._outgoing += event.data
                 elif isinstance(event, TunnelReady):
                     self._early = event.early_payload
         self._tunnel_ready()
-
-    def _broken(self, exc: OSError) -> UpstreamUnreachable:
-        return UpstreamUnreachable(f"connection to {self._label} failed: {errno_reason(exc)}")
 
     def _tunnel_ready(self) -> None:
         upstream = self._upstream

@@ -22,7 +22,7 @@ import contextlib
 import socket
 import ssl
 
-from egressd.relay._channel import LINGER_RESET, RECV_CHUNK
+from egressd.relay._channel import RECV_CHUNK, reset_socket
 
 
 class TlsChannel:
@@ -132,7 +132,4 @@ class TlsChannel:
         self._sock.close()
 
     def abort(self) -> None:
-        if self._sock.fileno() != -1:
-            with contextlib.suppress(OSError):
-                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
-        self._sock.close()
+        reset_socket(self._sock)

@@ -26,14 +26,22 @@ from dataclasses import dataclass
 from egressd.errors import UpstreamProtocolError, UpstreamUnreachable
 from egressd.model import NetworkType, ProxySpec
 from egressd.relay._channel import RECV_CHUNK, Channel, SocketChannel, tune_tcp
+from egressd.relay._errors import (
+    CLOSED_DURING_HANDSHAKE,
+    cannot_connect,
+    cannot_resolve,
+    connect_timed_out,
+    connection_broke,
+    handshake_timed_out,
+)
 from egressd.relay._events import (
     ClientHandshake,
     SendBytes,
     TunnelReady,
-    errno_reason,
     format_endpoint,
 )
 from egressd.relay._http_connect import HttpConnectHandshake
+from egressd.relay._sockets import ProxyAddress
 from egressd.relay._socks5 import Socks5Handshake
 from egressd.relay._tls import TlsChannel
 
@@ -107,25 +115,31 @@ async def connect_proxy(spec: ProxySpec, *, timeout: float) -> socket.socket:
                 tune_tcp(sock)
                 return sock
     except TimeoutError:
-        raise UpstreamUnreachable(
-            f"cannot connect to {label}: no answer within {timeout:g}s"
-        ) from None
+        raise connect_timed_out(label, timeout) from None
     except socket.gaierror as exc:
-        raise UpstreamUnreachable(f"cannot resolve {label}: {exc.strerror}") from None
-    reason = errno_reason(last_error) if last_error is not None else "no address to connect to"
-    raise UpstreamUnreachable(f"cannot connect to {label}: {reason}") from None
+        raise cannot_resolve(label, exc.strerror or str(exc)) from None
+    raise cannot_connect(label, last_error) from None
 
 
-async def proxy_addresses(spec: ProxySpec) -> list[tuple[int, tuple[str, int]]]:
+def literal_addresses(host: str, port: int) -> tuple[ProxyAddress, ...] | None:
+    """The proxy's one address if ``host`` is an IP literal; None for a name."""
     try:
-        address = ipaddress.ip_address(spec.host)
+        address = ipaddress.ip_address(host)
     except ValueError:
-        infos = await asyncio.get_running_loop().getaddrinfo(
-            spec.host, spec.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-        )
-        return [(family, (str(sockaddr[0]), int(sockaddr[1]))) for family, *_, sockaddr in infos]
+        return None
     family = socket.AF_INET if address.version == 4 else socket.AF_INET6
-    return [(family, (str(address), spec.port))]
+    return ((family, (str(address), port)),)
+
+
+async def proxy_addresses(spec: ProxySpec) -> tuple[ProxyAddress, ...]:
+    """Where to connect to reach the proxy: its IP literal, or its name looked up."""
+    literal = literal_addresses(spec.host, spec.port)
+    if literal is not None:
+        return literal
+    infos = await asyncio.get_running_loop().getaddrinfo(
+        spec.host, spec.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+    )
+    return tuple((family, (str(sockaddr[0]), int(sockaddr[1]))) for family, *_, sockaddr in infos)
 
 
 async def _start_tls(
@@ -153,7 +167,7 @@ async def drive_handshake(handshake: ClientHandshake, channel: Channel) -> bytes
         data = await channel.recv(RECV_CHUNK)
         if not data:
             handshake.receive_eof()
-            raise UpstreamProtocolError("proxy closed the connection during the handshake")
+            raise UpstreamProtocolError(CLOSED_DURING_HANDSHAKE)
         events = handshake.receive_data(data)
 
 
@@ -182,12 +196,9 @@ async def dial(
         else:
             sock.close()
         if isinstance(exc, TimeoutError):
-            raise UpstreamUnreachable(
-                f"{label} did not complete the handshake within {handshake_timeout:g}s"
-            ) from None
+            raise handshake_timed_out(label, handshake_timeout) from None
         if isinstance(exc, OSError):
-            reason = errno_reason(exc)
-            raise UpstreamUnreachable(f"connection to {label} failed: {reason}") from None
+            raise connection_broke(label, exc) from None
         raise
     return Tunnel(channel=channel, early_payload=early)
 
