@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import enum
+import functools
 import re
 
 from egressd.errors import UpstreamAuthFailed, UpstreamProtocolError
@@ -51,6 +52,16 @@ def basic_credentials(username: str, password: str | None) -> str:
     return f"Basic {token}"
 
 
+@functools.lru_cache(maxsize=4096)
+def _request_head(host: str, port: int) -> tuple[str, bytes]:
+    """The target as the request names it and the request's first two lines (cached per
+    destination, never with credentials: those are added per request)."""
+    if not 0 < port <= 65535:
+        raise ValueError(f"destination port out of range: {port}")
+    target = format_endpoint(str(parse_ip(host)), port)
+    return target, f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n".encode()
+
+
 class HttpConnectHandshake:
     """One HTTP CONNECT handshake towards ``proxy_label``."""
 
@@ -63,14 +74,10 @@ class HttpConnectHandshake:
         proxy_label: str = "http proxy",
         max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES,
     ) -> None:
-        host, port = destination
-        if not 0 < port <= 65535:
-            raise ValueError(f"destination port out of range: {port}")
-        self._target = format_endpoint(str(parse_ip(host)), port)
-        lines = [f"CONNECT {self._target} HTTP/1.1", f"Host: {self._target}"]
+        self._target, head = _request_head(*destination)
         if username is not None:
-            lines.append(f"Proxy-Authorization: {basic_credentials(username, password)}")
-        self._request = ("\r\n".join(lines) + "\r\n\r\n").encode()
+            head += f"Proxy-Authorization: {basic_credentials(username, password)}\r\n".encode()
+        self._request = head + b"\r\n"
         self._sent_credentials = username is not None
         self._proxy_label = proxy_label
         self._max_head_bytes = max_head_bytes

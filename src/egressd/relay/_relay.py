@@ -81,13 +81,17 @@ class _Container:
     container_id: str
     upstream: ProxySpec
     requested: tuple[str, int]
-    bound: tuple[str, int]
     listen_socket: socket.socket
     connections: ContainerConnections = field(repr=False)
     dns: DnsService | None = None
     accept_retry: asyncio.TimerHandle | None = field(default=None, repr=False)
-    # Bound to 0.0.0.0 / ::, so a client's local address can differ from ``bound``.
-    wildcard: bool = False
+    # Where ``listen_socket`` is bound (the kernel's pick for port 0), and whether that
+    # is 0.0.0.0 / ::, where a client's local address can differ from ``bound``.
+    bound: tuple[str, int] = field(init=False)
+    wildcard: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.bind(self.requested, self.listen_socket)
 
     def bind(self, requested: tuple[str, int], listen_socket: socket.socket) -> None:
         self.requested, self.listen_socket = requested, listen_socket
@@ -221,11 +225,9 @@ class Relay:
             container_id=container_id,
             upstream=upstream,
             requested=requested,
-            bound=requested,
             listen_socket=listen_socket,
             connections=ContainerConnections(container_id),
         )
-        state.bind(requested, listen_socket)
         bound = state.bound
         self._containers[container_id] = state
         self._refresh_own_endpoints()  # before the first accept
