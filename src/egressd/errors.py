@@ -8,22 +8,20 @@
     ├── KernelError                   a netlink / nftables operation failed; keeps errno
     ├── RuntimeLookupError            a container's netns could not be resolved
     └── UpstreamError                 talking to the upstream proxy failed
-        ├── UpstreamUnreachable       TCP connect / TLS to the proxy failed (temporary)
-        ├── UpstreamAuthFailed        the proxy rejected our credentials (permanent)
+        ├── UpstreamUnreachable       TCP connect / TLS to the proxy failed
+        ├── UpstreamAuthFailed        the proxy rejected our credentials
         └── UpstreamProtocolError     the proxy answered something we cannot use
 
 The API maps this tree to its envelopes in ``egressd.api.envelopes`` (and,
-where the spec wants an endpoint's own message, in the route).
-``temporary`` tells a retry loop whether trying again can help.
+where the spec wants an endpoint's own message, in the route). The agent
+retries every failure at its next pass; no error class decides that.
 """
 
 from __future__ import annotations
 
 
 class EgressdError(Exception):
-    """Base class. ``temporary`` says whether a retry can help."""
-
-    temporary: bool = False
+    """Base class."""
 
 
 class InvalidInput(EgressdError):
@@ -45,28 +43,26 @@ class AllocationExhausted(EgressdError):
 class KernelError(EgressdError):
     """A kernel operation failed. ``errno`` is kept when the kernel gave one."""
 
-    temporary = True
-
     def __init__(self, message: str, *, errno: int | None = None) -> None:
         super().__init__(message)
         self.errno = errno
 
 
 class RuntimeLookupError(EgressdError):
-    temporary = True
+    pass
 
 
 class UpstreamError(EgressdError):
-    temporary = True
+    pass
 
 
 class UpstreamUnreachable(UpstreamError):
-    temporary = True
+    pass
 
 
 class UpstreamAuthFailed(UpstreamError):
-    temporary = False
+    pass
 
 
 class UpstreamProtocolError(UpstreamError):
-    temporary = False
+    pass

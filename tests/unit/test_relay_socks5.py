@@ -170,7 +170,6 @@ def test_auth_rejected() -> None:
         "socks5 proxy 198.18.1.2:1080 rejected the username/password (RFC 1929 status 0x01)"
     )
     assert "bad" not in str(info.value)
-    assert not info.value.temporary
 
 
 def test_auth_reply_version_5_tolerated() -> None:
