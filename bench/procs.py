@@ -55,6 +55,17 @@ def cpu_seconds(pid: int, *, with_reaped_children: bool = False) -> float:
     return ticks / CLOCK_TICKS
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has been busy (all CPUs, any process or interrupt).
+
+    ``/proc/stat``'s first line: user nice system idle iowait irq softirq steal guest
+    guest_nice; guest time is already counted in user, idle and iowait are not busy.
+    """
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
+
+
 def descendants(pid: int) -> list[int]:
     parents: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():

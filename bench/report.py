@@ -163,9 +163,11 @@ def markdown(results: dict[str, Any], *, json_name: str, png_name: str | None) -
             "",
         ]
         rows = []
+        machine = tp.get("machine_cpu_s_per_gb", {}).get("loadgen", {})  # older runs: none
         for p in PATHS:
             lg = med["loadgen"].get(p)
             ip = med.get("iperf3", {}).get(p, {})
+            mc = machine.get(p, {})
             if lg:
                 rows.append(
                     [
@@ -174,11 +176,18 @@ def markdown(results: dict[str, Any], *, json_name: str, png_name: str | None) -
                         _f(lg["down"]),
                         _f(ip.get("up")),
                         _f(ip.get("down")),
+                        _f(mc.get("up"), 3),
+                        _f(mc.get("down"), 3),
                     ]
                 )
-        lines += _table(
-            ["path", "up (loadgen)", "down (loadgen)", "up (iperf3)", "down (iperf3)"], rows
-        )
+        header = ["path", "up (loadgen)", "down (loadgen)", "up (iperf3)", "down (iperf3)"]
+        header += ["machine CPU s/GB up", "down"]
+        lines += _table(header, rows)
+        lines += [
+            "Machine CPU: busy seconds of the whole machine (`/proc/stat`: every process "
+            "and interrupt, clients and servers included) per GB moved in the loadgen runs.",
+            "",
+        ]
     cpu = results.get("cpu")
     if cpu:
         lines += [
@@ -212,6 +221,7 @@ def markdown(results: dict[str, Any], *, json_name: str, png_name: str | None) -
             wk = conns["summary"].get("wrk", {}).get(p, {})
             if lg:
                 cpu_k = wk.get("relay_cpu_ms_per_1k_conns", lg.get("relay_cpu_ms_per_1k_conns"))
+                machine_us = wk.get("machine_cpu_us_per_conn", lg.get("machine_cpu_us_per_conn"))
                 rows.append(
                     [
                         PATH_LABELS[p],
@@ -222,6 +232,7 @@ def markdown(results: dict[str, Any], *, json_name: str, png_name: str | None) -
                         _f(wk.get("p50_ms")),
                         _f(wk.get("p99_ms")),
                         _f(cpu_k, 0),
+                        _f(machine_us, 0),
                         str(lg["errors"] + wk.get("errors", 0)),
                     ]
                 )
@@ -234,9 +245,15 @@ def markdown(results: dict[str, Any], *, json_name: str, png_name: str | None) -
             "p50 ms",
             "p99 ms",
             "relay CPU ms / 1k conns",
+            "machine CPU us / conn",
             "errors",
         ]
         lines += _table(header, rows)
+        lines += [
+            "Relay and machine CPU per connection: from the wrk runs where there are, "
+            "else from loadgen's.",
+            "",
+        ]
     scale = results.get("scale")
     if scale and scale["stages"]:
         lines += _scale_md(scale)

@@ -3,8 +3,11 @@
 Paths and repeats are interleaved (repeat 1: a, b, c, d; repeat 2: a, b, c,
 d; ...) so that a slow minute of the machine hits every path alike. Around
 every run the CPU time of the relay process (redsocks, or the whole egressd
-process) and of dante's process tree is read from /proc, so the CPU cases
-come from the very same runs.
+process), of dante's process tree and of the whole machine (``/proc/stat``:
+every process and interrupt, the clients and servers included) is read, so
+the CPU cases come from the very same runs. The machine figure is the one
+that compares paths: the kernel charges a local receiver's work to whichever
+process happens to trigger it, so a relay's own CPU is not its whole cost.
 
 * throughput: ``bench.loadgen stream`` on all four paths, one TCP stream,
   up (container -> remote) and down, ``duration`` s each; iperf3 on the
@@ -25,7 +28,7 @@ from typing import Any
 from bench import clients, say
 from bench import profile as profiler
 from bench.clients import RunFailed
-from bench.procs import cpu_seconds, tree_cpu_seconds
+from bench.procs import cpu_seconds, machine_busy_seconds, tree_cpu_seconds
 from bench.stats import median
 from bench.topology import NGINX_PORT, BenchPath
 
@@ -35,7 +38,9 @@ Runner = Callable[[], dict[str, Any]]
 def _measured(run: Runner, path: BenchPath, dante_pid: int) -> dict[str, Any]:
     relay0 = cpu_seconds(path.relay_pid) if path.relay_pid else None
     dante0 = tree_cpu_seconds(dante_pid)
+    machine0 = machine_busy_seconds()
     result = run()
+    result["machine_cpu_s"] = machine_busy_seconds() - machine0
     if relay0 is not None and path.relay_pid:
         result["relay_cpu_s"] = cpu_seconds(path.relay_pid) - relay0
     result["dante_cpu_s"] = tree_cpu_seconds(dante_pid) - dante0
@@ -90,6 +95,17 @@ def throughput(
         "duration_s": duration,
         "repeat": repeat,
         "runs": runs,
+        "machine_cpu_s_per_gb": {
+            tool: {
+                name: {
+                    d: sum(x["machine_cpu_s"] for x in rs) / (sum(x["bytes"] for x in rs) / 1e9)
+                    for d, rs in by_dir.items()
+                    if rs and sum(x["bytes"] for x in rs)
+                }
+                for name, by_dir in by_path.items()
+            }
+            for tool, by_path in runs.items()
+        },
         "median_gbps": {
             tool: {
                 name: {d: median([x["gbps"] for x in rs]) for d, rs in by_dir.items()}
@@ -184,6 +200,8 @@ def connections(
             relay = [x["relay_cpu_s"] for x in rs if "relay_cpu_s" in x]
             if relay and total:
                 entry["relay_cpu_ms_per_1k_conns"] = sum(relay) / total * 1e6
+            if total:
+                entry["machine_cpu_us_per_conn"] = sum(x["machine_cpu_s"] for x in rs) / total * 1e6
             summary.setdefault(tool, {})[name] = entry
     return {
         "duration_s": duration,
