@@ -27,6 +27,7 @@ from tests.unit.test_relay_peers import (
     LOOPBACK,
     EchoServer,
     HttpConnectServer,
+    LoopbackServer,
     Pki,
     SilentServer,
     Socks5Server,
@@ -367,28 +368,32 @@ async def test_proxy_connect_that_does_not_complete_at_once_is_waited_for(
         listener.close()
 
 
+class NoMethodServer(LoopbackServer):
+    """Answers any greeting with 0xff (no acceptable method) and keeps the connection
+    open: RFC 1928 leaves the close to the client."""
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(3)
+        writer.write(b"\x05\xff")
+        await writer.drain()
+        await reader.read()
+
+
 @async_test
-async def test_quick_opening_takes_a_split_answer_in_one_read(
-    monkeypatch: pytest.MonkeyPatch,
+async def test_a_two_byte_refusal_after_a_quick_opening_fails_at_once(
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """The proxy sends its method reply at once and the CONNECT reply 0.1 s later; the
-    relay's proxy leg wakes for both together (SO_RCVLOWAT), not once for each."""
-    seen: list[bytes] = []
-    quick_reply = _spliced.quick_reply
-
-    def spy(data: bytes) -> bytes | None:
-        seen.append(data)
-        return quick_reply(data)
-
-    monkeypatch.setattr(_spliced, "quick_reply", spy)
+    """Short answers are not held back: the refusal is named, well before the timeout."""
+    caplog.set_level(logging.ERROR, logger="egressd.relay")
     async with (
-        EchoServer() as echo,
-        Socks5Server(reply_delay=0.1) as proxy,
-        relay_for(Target(echo.address), spec(NetworkType.SOCKS5, proxy.port)) as (_r, address),
-        connection(address) as (reader, writer),
+        NoMethodServer() as proxy,
+        relay_for(
+            Target(("198.18.0.1", 9)), spec(NetworkType.SOCKS5, proxy.port), handshake_timeout=5.0
+        ) as (relay, address),
     ):
-        await exchange(reader, writer, b"both replies at once")
-    assert len(seen) == 1 and seen[0].startswith(b"\x05\x00\x05\x00")
+        assert await refused_by_relay(address) == b""
+        await wait_for(lambda: relay.active_connections(CID) == 0, timeout=1.0)
+    assert "requires authentication but no credentials are configured" in caplog.text
 
 
 @async_test

@@ -112,10 +112,14 @@ class ConnectionStarter:
         if upstream.scheme is NetworkType.HTTPS:
             if not isinstance(client, socket.socket):  # the loop's sock_* calls want one
                 client = socket.socket(client.family, client.type, 0, client.detach())
-            task = registry.tasks.spawn(
-                self._serve_tls(container_id, upstream, client, peer, destination),
-                name=f"relay-{container_id[:12]}-{format_endpoint(*peer[:2])}",
-            )
+            try:
+                task = registry.tasks.spawn(
+                    self._serve_tls(container_id, upstream, client, peer, destination),
+                    name=f"relay-{container_id[:12]}-{format_endpoint(*peer[:2])}",
+                )
+            except BaseException:
+                reset_socket(client)  # the caller's reference is detached by now
+                raise
             # Safety net: a task cancelled before its first step never runs its finally.
             task.add_done_callback(functools.partial(_close_socket, client))
             return

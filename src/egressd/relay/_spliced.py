@@ -37,10 +37,13 @@ and the first probe is due only after ``KEEPALIVE_IDLE`` seconds anyway).
 Sockets are the C type (``_socket.socket``), without ``socket.socket``'s
 Python layer. A SOCKS5 upstream without credentials (pipelined) gets a
 :data:`QuickOpening`: its bytes are cached per destination, no handshake
-object is made unless the proxy answers anything but a plain yes, and the
-proxy leg's ``SO_RCVLOWAT`` holds its wake-up until both replies are in
-(dante sends the method reply at once and the CONNECT reply after its own
-connect: two wake-ups otherwise, in about half the connections).
+object is made unless the proxy's first read is anything but both replies
+saying yes (dante sends the method reply at once and the CONNECT reply after
+its own connect, so about half the connections take the handshake proper).
+Holding the proxy leg's wake-up with ``SO_RCVLOWAT`` until both replies are
+in was tried and dropped: a proxy that answers "no acceptable method" in two
+bytes and waits for us to close, as RFC 1928 lets it, was then seen only at
+the handshake timeout.
 
 Concurrency model: every method runs on the event loop thread, from the
 poller's dispatch, a deadline, ``call_soon`` or the relay; nothing blocks.
@@ -86,13 +89,6 @@ from egressd.relay._socks5 import quick_reply
 HANDSHAKE_RECV = 4096  # replies are tiny; more just takes another read
 KEEPALIVE_DELAY = 1.0  # seconds before a proxy leg still open gets its keepalive options
 _NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-# While a quick opening waits for its answer, the proxy leg wakes the relay only once
-# that many bytes are in (or at EOF / error): the two replies in one wake-up instead of
-# two (dante sends the method reply at once, the CONNECT reply after its connect). 9 is
-# the shortest pair a server can send (method reply, then a CONNECT reply naming an
-# empty domain), so no answer is ever held back; back to 1 before anything else is read.
-_QUICK_LOWAT = (socket.SOL_SOCKET, socket.SO_RCVLOWAT, 9)
-_PLAIN_LOWAT = (socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 # What the legs are registered for, i.e. Leg.interest() of a new client leg (not read
 # before the tunnel is up) and of a new proxy leg (read from the start).
 _CLIENT_WATCH = WATCH_BASE
@@ -341,8 +337,6 @@ class SplicedConnection:
                     sock.setsockopt(*_NODELAY)
                 except OSError:
                     pass
-                if self._quick is not None:
-                    sock.setsockopt(*_QUICK_LOWAT)
                 code = sock.connect_ex(address)
                 if code not in _CONNECT_OK:
                     raise OSError(code, os.strerror(code))
@@ -409,7 +403,6 @@ class SplicedConnection:
             if handshake is None:  # the quick opening went out
                 assert self._quick is not None
                 early = quick_reply(data)
-                up.sock.setsockopt(*_PLAIN_LOWAT)
                 if early is not None:
                     self._early = early
                     break
