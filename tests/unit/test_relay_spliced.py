@@ -368,6 +368,31 @@ async def test_proxy_connect_that_does_not_complete_at_once_is_waited_for(
         listener.close()
 
 
+@async_test
+async def test_quick_opening_takes_a_split_answer_in_one_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The proxy sends its method reply at once and the CONNECT reply 0.1 s later; the
+    relay's proxy leg wakes for both together (SO_RCVLOWAT), not once for each."""
+    monkeypatch.setattr(_spliced, "LOWAT_HOLD", 5.0)  # longer than the reply takes
+    seen: list[bytes] = []
+    quick_reply = _spliced.quick_reply
+
+    def spy(data: bytes) -> bytes | None:
+        seen.append(data)
+        return quick_reply(data)
+
+    monkeypatch.setattr(_spliced, "quick_reply", spy)
+    async with (
+        EchoServer() as echo,
+        Socks5Server(reply_delay=0.1) as proxy,
+        relay_for(Target(echo.address), spec(NetworkType.SOCKS5, proxy.port)) as (_r, address),
+        connection(address) as (reader, writer),
+    ):
+        await exchange(reader, writer, b"both replies at once")
+    assert len(seen) == 1 and seen[0].startswith(b"\x05\x00\x05\x00")
+
+
 class NoMethodServer(LoopbackServer):
     """Answers any greeting with 0xff (no acceptable method) and keeps the connection
     open: RFC 1928 leaves the close to the client."""
@@ -383,7 +408,7 @@ class NoMethodServer(LoopbackServer):
 async def test_a_two_byte_refusal_after_a_quick_opening_fails_at_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Short answers are not held back: the refusal is named, well before the timeout."""
+    """A short answer is held LOWAT_HOLD at most: the refusal is named at once."""
     caplog.set_level(logging.ERROR, logger="egressd.relay")
     async with (
         NoMethodServer() as proxy,

@@ -38,12 +38,11 @@ Sockets are the C type (``_socket.socket``), without ``socket.socket``'s
 Python layer. A SOCKS5 upstream without credentials (pipelined) gets a
 :data:`QuickOpening`: its bytes are cached per destination, no handshake
 object is made unless the proxy's first read is anything but both replies
-saying yes (dante sends the method reply at once and the CONNECT reply after
-its own connect, so about half the connections take the handshake proper).
-Holding the proxy leg's wake-up with ``SO_RCVLOWAT`` until both replies are
-in was tried and dropped: a proxy that answers "no acceptable method" in two
-bytes and waits for us to close, as RFC 1928 lets it, was then seen only at
-the handshake timeout.
+saying yes; the proxy leg's ``SO_RCVLOWAT`` holds its wake-up until both
+replies are in (dante sends the method reply at once and the CONNECT reply
+after its own connect: two wake-ups otherwise, in about half of the
+connections), for at most ``LOWAT_HOLD`` seconds, one shared timer for all,
+so a shorter answer is never kept waiting longer than that.
 
 Concurrency model: every method runs on the event loop thread, from the
 poller's dispatch, a deadline, ``call_soon`` or the relay; nothing blocks.
@@ -87,6 +86,16 @@ from egressd.relay._sockets import ProxyAddress
 from egressd.relay._socks5 import quick_reply
 
 HANDSHAKE_RECV = 4096  # replies are tiny; more just takes another read
+# While a quick opening waits for its answer, the proxy leg wakes the relay only once
+# 9 bytes are in, or at EOF / error: dante sends the method reply at once and the
+# CONNECT reply after its own connect, and both then take one wake-up instead of two.
+# 9 bytes is the shortest pair of replies that says yes or names a CONNECT failure;
+# a shorter answer (05 ff: no acceptable method, after which RFC 1928 leaves the close
+# to us) would wait, so the hold ends after LOWAT_HOLD seconds whatever came, and
+# lowering the mark makes the kernel report what is waiting.
+LOWAT_HOLD = 0.05
+_QUICK_LOWAT = (socket.SOL_SOCKET, socket.SO_RCVLOWAT, 9)
+_PLAIN_LOWAT = (socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 KEEPALIVE_DELAY = 1.0  # seconds before a proxy leg still open gets its keepalive options
 _NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 # What the legs are registered for, i.e. Leg.interest() of a new client leg (not read
@@ -123,6 +132,9 @@ class SpliceShared:
         self.connecting: DeadlineQueue[SplicedConnection] = DeadlineQueue(
             loop, timeout=connect_timeout, on_expired=SplicedConnection.expire
         )
+        self.held: DeadlineQueue[SplicedConnection] = DeadlineQueue(
+            loop, timeout=LOWAT_HOLD, on_expired=SplicedConnection.end_hold
+        )
         self.handshaking: DeadlineQueue[SplicedConnection] = DeadlineQueue(
             loop, timeout=handshake_timeout, on_expired=SplicedConnection.expire
         )
@@ -152,6 +164,7 @@ class SpliceShared:
         self._untuned.clear()
         self.connecting.close()
         self.handshaking.close()
+        self.held.close()
         self.poller.shutdown()
         self.io.pipes.close()
 
@@ -172,6 +185,7 @@ class SplicedConnection:
         "_early",
         "_flows",
         "_handshake",
+        "_held",
         "_label",
         "_on_close",
         "_outgoing",
@@ -224,6 +238,7 @@ class SplicedConnection:
         # The deadline queue the connection is in: ``connecting`` from the lookup or a
         # connect that did not complete at once, then ``handshaking``; None otherwise.
         self._queue: DeadlineQueue[SplicedConnection] | None = None
+        self._held = False  # the proxy leg's SO_RCVLOWAT is raised (and in ``held``)
         shared.poller.register(client, self, _CLIENT_WATCH)
 
     # -- what the relay sees -----------------------------------------------------------------
@@ -270,6 +285,15 @@ class SplicedConnection:
     def abort(self) -> None:
         """End with RST on both legs, on the relay's behalf (nothing to report)."""
         self._close(None, reset=True)
+
+    def end_hold(self) -> None:
+        """``LOWAT_HOLD`` passed without the proxy's answer: take whatever it sent."""
+        self._held = False
+        if self._upstream is not None and self.phase is not _CLOSED:
+            try:  # noqa: SIM105 - an error is for the connection's next step to find
+                self._upstream.sock.setsockopt(*_PLAIN_LOWAT)
+            except OSError:
+                pass
 
     def expire(self) -> None:
         """The current phase's deadline passed (called by the :class:`DeadlineQueue`)."""
@@ -337,6 +361,14 @@ class SplicedConnection:
                     sock.setsockopt(*_NODELAY)
                 except OSError:
                     pass
+                if self._quick is not None:
+                    try:
+                        sock.setsockopt(*_QUICK_LOWAT)
+                    except OSError:
+                        pass  # no hold, then: two wake-ups at worst
+                    else:
+                        self._held = True
+                        shared.held.add(self)
                 code = sock.connect_ex(address)
                 if code not in _CONNECT_OK:
                     raise OSError(code, os.strerror(code))
@@ -403,6 +435,10 @@ class SplicedConnection:
             if handshake is None:  # the quick opening went out
                 assert self._quick is not None
                 early = quick_reply(data)
+                if self._held:
+                    self._held = False
+                    self._shared.held.discard(self)
+                    up.sock.setsockopt(*_PLAIN_LOWAT)
                 if early is not None:
                     self._early = early
                     break
@@ -474,6 +510,9 @@ class SplicedConnection:
         if self._queue is not None:
             self._queue.discard(self)
             self._queue = None
+        if self._held:
+            self._held = False
+            shared.held.discard(self)
         if self._resume is not None:
             self._resume.cancel()
             self._resume = None
