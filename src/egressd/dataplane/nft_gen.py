@@ -151,7 +151,7 @@ class StampedCache(Generic[K, V]):
             return read()
         with self._lock:
             entry = self._entries.get(key)
-            if entry is not None and self._fresh(entry, stamp):
+            if entry is not None and self._fresh(entry, stamp):  # (narrows the type)
                 self._entries.move_to_end(key)
                 self.hits += 1
                 return entry[2]

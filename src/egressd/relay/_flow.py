@@ -102,12 +102,7 @@ class Leg:
 
     def sync(self, poller: EdgePoller) -> None:
         """Bring the epoll set in line with what is wanted (call when ``stale``)."""
-        poller.modify(
-            self.sock,
-            WATCH_BASE
-            | (WATCH_READS if self.want_reads else 0)
-            | (WATCH_WRITES if self.want_writes else 0),
-        )  # self.interest(), without the call
+        poller.modify(self.sock, self.interest())
         self.stale = False
 
     def watch_reads(self, on: bool) -> None:

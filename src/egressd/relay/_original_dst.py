@@ -14,17 +14,15 @@ is the thin syscall shell. No concurrency: a blocking-free getsockopt.
 
 from __future__ import annotations
 
-import _socket
 import ipaddress
 import socket
 import sys
 
+from egressd.relay._sockets import socket_family
+
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST has the same value
 _SOCKADDR_IN_LEN = 16
 _SOCKADDR_IN6_LEN = 28
-# The family as a plain int: ``socket.family`` converts it to an enum on every call.
-_family = _socket.socket.family.__get__
-_AF_INET_BYTES = socket.AF_INET.to_bytes(2, sys.byteorder)
 
 
 def parse_sockaddr(raw: bytes) -> tuple[str, int]:
@@ -47,10 +45,8 @@ def original_destination(sock: socket.SocketType) -> tuple[str, int]:
     Raises ``OSError`` (ENOENT) when the connection was not NATed, i.e. it
     reached the listener directly.
     """
-    if _family(sock) == socket.AF_INET6:
+    if socket_family(sock) == socket.AF_INET6:
         raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, _SOCKADDR_IN6_LEN)
     else:
         raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, _SOCKADDR_IN_LEN)
-        if raw[:2] == _AF_INET_BYTES:  # parse_sockaddr's IPv4 case, without the call
-            return socket.inet_ntop(socket.AF_INET, raw[4:8]), int.from_bytes(raw[2:4], "big")
     return parse_sockaddr(raw)

@@ -25,13 +25,14 @@ import os
 # What one splice pair moves at most. Larger means fewer system calls per megabyte, but
 # a whole pipe's worth then lands on the receiving socket at once, and when the peer is
 # local (a proxy on the same host, or the container) the kernel does more of the
-# receive work in the peer's own context rather than during our splice: measured with
-# dante on this host (bench/, 4 + 4 interleaved single-stream uploads), 1 MiB pipes
-# cost the relay 0.23-0.30 s/GB and dante 1.05-1.14, 256 KiB pipes 0.39-0.43 and
-# 0.91-0.98, the machine's total the same (2.0-2.1 s/GB), and dante, the single-
-# threaded bottleneck, then carried 0.85 instead of 0.80 of its direct-client
-# throughput. Also a quarter of the memory pinned per bulk flow. Best effort: capped
-# by fs.pipe-max-size and, for unprivileged users, pipe-user-pages-soft.
+# receive work in the peer's own context rather than during our splice. Measured with
+# dante on this host (13 interleaved single-stream uploads per size, bench harness):
+# 1 MiB pipes cost the relay ~0.25 s/GB and dante ~1.05, 256 KiB ~0.43 and ~0.89, the
+# machine's total the same (2.0-2.1 s/GB); dante, single-threaded, is the bottleneck,
+# and carried a median 0.83 (0.79-0.89) of its direct-client throughput instead of
+# 0.82 (0.70-0.87): a small gain. Also a quarter of the memory pinned per bulk flow.
+# Best effort: capped by fs.pipe-max-size and, for unprivileged users,
+# pipe-user-pages-soft.
 PIPE_SIZE = 256 << 10
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 DEFAULT_MAX_IDLE = 64

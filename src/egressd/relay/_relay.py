@@ -22,8 +22,8 @@ through the same upstream.
 Concurrency model: everything runs on one event loop. Each listener is
 watched with ``loop.add_reader`` (for its whole life, but for a pause of
 ``_ACCEPT_RETRY_DELAY`` after running out of descriptors or memory); the
-callback accepts what is pending and starts each connection at once. A spliced connection is
-driven by the relay's :class:`EdgePoller` (no task); an ``https`` one is a
+callback accepts what is pending and starts each connection at once. A
+spliced connection is driven by the relay's :class:`EdgePoller` (no task); an ``https`` one is a
 task in its container's :class:`TaskSet`. Each container keeps its
 connections, so ``remove_listener`` aborts exactly those. Listener changes
 are serialized by one lock. A connection takes a snapshot of the container's
@@ -64,7 +64,7 @@ from egressd.relay._dns_resolver import DnsOptions
 from egressd.relay._events import format_endpoint
 from egressd.relay._original_dst import original_destination
 from egressd.relay._sockets import normalize_address as _normalize
-from egressd.relay._sockets import open_listen_socket
+from egressd.relay._sockets import open_listen_socket, socket_family
 from egressd.relay._upstream import Tunnel, open_tunnel
 
 logger = logging.getLogger("egressd.relay")
@@ -72,8 +72,6 @@ logger = logging.getLogger("egressd.relay")
 _ACCEPT_RETRY_DELAY = 0.1
 _ACCEPT_BATCH = 64  # per wake-up; the rest waits one loop iteration, so others get a turn
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-# A socket's family as a plain int: ``socket.family`` makes an enum of it on every call.
-_socket_family = _socket.socket.family.__get__
 
 
 @dataclass(eq=False)
@@ -344,7 +342,7 @@ class Relay:
         # socket.accept() without its Python wrapper: that one converts the listener's
         # family and type to enums and asks for the default timeout, every time.
         accept = listen_socket._accept  # type: ignore[attr-defined]
-        family = _socket_family(listen_socket)
+        family = socket_family(listen_socket)
         for _ in range(_ACCEPT_BATCH):
             try:
                 fd, peer = accept()

@@ -11,6 +11,7 @@ No concurrency: plain blocking-free socket calls.
 
 from __future__ import annotations
 
+import _socket
 import functools
 import ipaddress
 import socket
@@ -19,6 +20,8 @@ from egressd.errors import KernelError
 from egressd.relay._events import format_endpoint
 
 ProxyAddress = tuple[int, tuple[str, int]]  # (family, sockaddr) to connect to a proxy
+# A socket's family as a plain int: ``socket.family`` makes an enum of it on every call.
+socket_family = _socket.socket.family.__get__
 IP_FREEBIND = 15  # linux/in.h: bind to an address not (yet) configured on any interface
 LISTEN_BACKLOG = 1024
 

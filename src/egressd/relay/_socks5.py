@@ -82,9 +82,6 @@ def connect_request(host: str, port: int) -> bytes:
     return bytes((SOCKS_VERSION, CMD_CONNECT, 0x00, atyp)) + packed + port.to_bytes(2, "big")
 
 
-# Method reply "no auth" + CONNECT reply "succeeded", RSV, ATYP IPv4; then 4 + 2 bytes.
-AUTHENTICATED = Authenticated()  # no fields: one value serves every handshake
-
 # What a pipelined handshake without credentials sends first, and the two replies
 # that say yes to it: method 0x00, then CONNECT succeeded (VER REP RSV ATYP=IPv4,
 # 4 address and 2 port bytes: what dante and most servers answer to an IPv4 request).
@@ -154,10 +151,11 @@ class Socks5Handshake:
         self._proxy_label = proxy_label
         self._buffer = bytearray()
         self.state = Socks5State.IDLE
-        self.is_done = False  # state is DONE (an attribute: asked on every read)
         self.bound_address: tuple[str, int] | None = None
-        # Pipelined without credentials: a first read may hold both replies (quick_reply).
-        self._quick = self._pipeline and self._auth_request is None
+
+    @property
+    def is_done(self) -> bool:
+        return self.state is Socks5State.DONE
 
     @property
     def _target(self) -> str:
@@ -185,17 +183,6 @@ class Socks5Handshake:
     def receive_data(self, data: bytes) -> list[Event]:
         if self.state in (Socks5State.IDLE, Socks5State.DONE, Socks5State.FAILED):
             raise RuntimeError(f"receive_data() in state {self.state.value}")
-        if self._quick:
-            self._quick = False  # the first read only
-            early = quick_reply(data)
-            if early is not None:
-                self.bound_address = (
-                    socket.inet_ntop(socket.AF_INET, data[6:10]),
-                    int.from_bytes(data[10:12], "big"),
-                )
-                self.state = Socks5State.DONE
-                self.is_done = True
-                return [AUTHENTICATED, TunnelReady(early_payload=early)]
         self._buffer += data
         events: list[Event] = []
         try:
@@ -236,13 +223,12 @@ class Socks5Handshake:
     def _after_auth(self) -> list[Event]:
         if self._destination is None:
             self.state = Socks5State.DONE
-            self.is_done = True
-            return [AUTHENTICATED]
+            return [Authenticated()]
         self.state = Socks5State.AWAIT_REPLY
         if self._request_sent:
-            return [AUTHENTICATED]
+            return [Authenticated()]
         self._request_sent = True
-        return [AUTHENTICATED, SendBytes(self._request)]
+        return [Authenticated(), SendBytes(self._request)]
 
     def _on_method(self) -> list[Event] | None:
         if len(self._buffer) < 2:
@@ -340,5 +326,4 @@ class Socks5Handshake:
         early = bytes(buf[end:])
         buf.clear()
         self.state = Socks5State.DONE
-        self.is_done = True
         return [TunnelReady(early_payload=early)]

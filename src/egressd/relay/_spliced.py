@@ -287,8 +287,11 @@ class SplicedConnection:
         self._close(None, reset=True)
 
     def end_hold(self) -> None:
-        """``LOWAT_HOLD`` passed without the proxy's answer: take whatever it sent."""
-        self._held = False
+        """Wake for any byte again: the proxy's first read came, or ``LOWAT_HOLD``
+        passed without it (then the kernel reports whatever it sent)."""
+        if self._held:
+            self._held = False
+            self._shared.held.discard(self)  # a no-op when called by the queue itself
         if self._upstream is not None and self.phase is not _CLOSED:
             try:  # noqa: SIM105 - an error is for the connection's next step to find
                 self._upstream.sock.setsockopt(*_PLAIN_LOWAT)
@@ -436,9 +439,7 @@ class SplicedConnection:
                 assert self._quick is not None
                 early = quick_reply(data)
                 if self._held:
-                    self._held = False
-                    self._shared.held.discard(self)
-                    up.sock.setsockopt(*_PLAIN_LOWAT)
+                    self.end_hold()
                 if early is not None:
                     self._early = early
                     break
