@@ -55,7 +55,7 @@ WWW = {("www.example.", TYPE_A): [(300, a_record("192.0.2.10"))]}
 RCODE_SERVFAIL = 2
 
 
-def no_original_dst(sock: socket.socket) -> tuple[str, int]:
+def no_original_dst(sock: socket.SocketType) -> tuple[str, int]:
     raise OSError("the DNS tests make no TCP relay connections")
 
 

@@ -46,7 +46,7 @@ class Target:
         self.address = address
         self.calls = 0
 
-    def __call__(self, sock: socket.socket) -> tuple[str, int]:
+    def __call__(self, sock: socket.SocketType) -> tuple[str, int]:
         self.calls += 1
         return self.address
 
@@ -346,7 +346,7 @@ async def test_refused_destination_closes_client() -> None:
 
 @async_test
 async def test_missing_original_destination_closes_client() -> None:
-    def no_nat(sock: socket.socket) -> tuple[str, int]:
+    def no_nat(sock: socket.SocketType) -> tuple[str, int]:
         raise FileNotFoundError(2, "No such file or directory")
 
     async with Socks5Server() as proxy:

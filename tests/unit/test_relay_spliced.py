@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -68,6 +69,19 @@ async def echo_through(
     return received
 
 
+def spy_on(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> list[tuple[Any, ...]]:
+    """Record the arguments of every call to ``owner.name`` (then make the call)."""
+    calls: list[tuple[Any, ...]] = []
+    real = getattr(owner, name)
+
+    def spy(*args: Any) -> Any:
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(owner, name, spy)
+    return calls
+
+
 def same(received: bytes, payload: bytes) -> bool:
     body, eof = received[: len(payload)], received[len(payload) :]
     return eof == b"<eof>" and hashlib.sha256(body).digest() == hashlib.sha256(payload).digest()
@@ -103,14 +117,7 @@ async def test_small_exchanges_never_touch_a_pipe() -> None:
 async def test_slow_reader_stops_the_source_being_watched_and_loses_nothing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    calls: list[int] = []
-    modify = EdgePoller.modify
-
-    def spy(self: EdgePoller, sock: socket.socket, events: int) -> None:
-        calls.append(events)
-        modify(self, sock, events)
-
-    monkeypatch.setattr(EdgePoller, "modify", spy)
+    calls = spy_on(monkeypatch, EdgePoller, "modify")  # (poller, sock, events)
     payload = os.urandom(8 << 20)
     async with (
         EchoServer() as echo,
@@ -119,7 +126,7 @@ async def test_slow_reader_stops_the_source_being_watched_and_loses_nothing(
     ):
         assert same(await echo_through(address, payload, reader_delay=0.3), payload)
     # Registration does not go through modify: reads dropped can only be the masking.
-    assert any(not events & WATCH_READS for events in calls)
+    assert any(not events & WATCH_READS for _poller, _sock, events in calls)
 
 
 @async_test
@@ -127,14 +134,7 @@ async def test_a_tiny_turn_budget_yields_and_still_completes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(_flow, "TURN_BUDGET", 4096)
-    resumed: list[bool] = []
-    resume = SplicedConnection._resume_turn
-
-    def spy(self: SplicedConnection) -> None:
-        resumed.append(True)
-        resume(self)
-
-    monkeypatch.setattr(SplicedConnection, "_resume_turn", spy)
+    resumed = spy_on(monkeypatch, SplicedConnection, "_resume_turn")
     payload = os.urandom(1 << 20)
     async with (
         EchoServer() as echo,
@@ -325,14 +325,7 @@ async def test_proxy_connect_that_does_not_complete_at_once_is_waited_for(
 ) -> None:
     """The greeting is sent optimistically; with the proxy's accept queue full the SYN
     is dropped, the send would block, and the relay waits for the connect's edge."""
-    blocked: list[Leg] = []
-    full = Leg.full
-
-    def spy(self: Leg) -> None:
-        blocked.append(self)
-        full(self)
-
-    monkeypatch.setattr(Leg, "full", spy)
+    blocked = spy_on(monkeypatch, Leg, "full")
     listener = socket.socket()
     listener.bind((LOOPBACK, 0))
     listener.listen(0)  # one connection queued fills it
@@ -375,14 +368,7 @@ async def test_quick_opening_takes_a_split_answer_in_one_read(
     """The proxy sends its method reply at once and the CONNECT reply 0.1 s later; the
     relay's proxy leg wakes for both together (SO_RCVLOWAT), not once for each."""
     monkeypatch.setattr(_spliced, "LOWAT_HOLD", 5.0)  # longer than the reply takes
-    seen: list[bytes] = []
-    quick_reply = _spliced.quick_reply
-
-    def spy(data: bytes) -> bytes | None:
-        seen.append(data)
-        return quick_reply(data)
-
-    monkeypatch.setattr(_spliced, "quick_reply", spy)
+    seen = spy_on(monkeypatch, _spliced, "quick_reply")
     async with (
         EchoServer() as echo,
         Socks5Server(reply_delay=0.1) as proxy,
@@ -390,7 +376,7 @@ async def test_quick_opening_takes_a_split_answer_in_one_read(
         connection(address) as (reader, writer),
     ):
         await exchange(reader, writer, b"both replies at once")
-    assert len(seen) == 1 and seen[0].startswith(b"\x05\x00\x05\x00")
+    assert len(seen) == 1 and seen[0][0].startswith(b"\x05\x00\x05\x00")
 
 
 class NoMethodServer(LoopbackServer):
