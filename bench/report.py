@@ -164,10 +164,12 @@ def markdown(results: dict[str, Any], *, json_name: str, png_name: str | None) -
         ]
         rows = []
         machine = tp.get("machine_cpu_s_per_gb", {}).get("loadgen", {})  # older runs: none
+        busy = tp.get("machine_busy_share", {}).get("loadgen", {})  # older runs: none
         for p in PATHS:
             lg = med["loadgen"].get(p)
             ip = med.get("iperf3", {}).get(p, {})
             mc = machine.get(p, {})
+            share = {d: 100 * v for d, v in busy.get(p, {}).items()}
             if lg:
                 rows.append(
                     [
@@ -178,14 +180,17 @@ def markdown(results: dict[str, Any], *, json_name: str, png_name: str | None) -
                         _f(ip.get("down")),
                         _f(mc.get("up"), 3),
                         _f(mc.get("down"), 3),
+                        _f(share.get("up"), 0),
+                        _f(share.get("down"), 0),
                     ]
                 )
         header = ["path", "up (loadgen)", "down (loadgen)", "up (iperf3)", "down (iperf3)"]
-        header += ["machine CPU s/GB up", "down"]
+        header += ["machine CPU s/GB up", "down", "machine busy % up", "down"]
         lines += _table(header, rows)
         lines += [
             "Machine CPU: busy seconds of the whole machine (`/proc/stat`: every process "
-            "and interrupt, clients and servers included) per GB moved in the loadgen runs.",
+            "and interrupt, clients and servers included) per GB moved in the loadgen runs; "
+            "machine busy: the same seconds over wall time x cores (client start included).",
             "",
         ]
     cpu = results.get("cpu")

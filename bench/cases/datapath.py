@@ -21,6 +21,8 @@ process happens to trigger it, so a relay's own CPU is not its whole cost.
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,9 +40,10 @@ Runner = Callable[[], dict[str, Any]]
 def _measured(run: Runner, path: BenchPath, dante_pid: int) -> dict[str, Any]:
     relay0 = cpu_seconds(path.relay_pid) if path.relay_pid else None
     dante0 = tree_cpu_seconds(dante_pid)
-    machine0 = machine_busy_seconds()
+    machine0, wall0 = machine_busy_seconds(), time.monotonic()
     result = run()
     result["machine_cpu_s"] = machine_busy_seconds() - machine0
+    result["wall_s"] = time.monotonic() - wall0
     if relay0 is not None and path.relay_pid:
         result["relay_cpu_s"] = cpu_seconds(path.relay_pid) - relay0
     result["dante_cpu_s"] = tree_cpu_seconds(dante_pid) - dante0
@@ -101,6 +104,19 @@ def throughput(
                     d: sum(x["machine_cpu_s"] for x in rs) / (sum(x["bytes"] for x in rs) / 1e9)
                     for d, rs in by_dir.items()
                     if rs and sum(x["bytes"] for x in rs)
+                }
+                for name, by_dir in by_path.items()
+            }
+            for tool, by_path in runs.items()
+        },
+        # Share of the machine's cores busy while the runs went on (client start included).
+        "machine_busy_share": {
+            tool: {
+                name: {
+                    d: sum(x["machine_cpu_s"] for x in rs)
+                    / (sum(x["wall_s"] for x in rs) * (os.cpu_count() or 1))
+                    for d, rs in by_dir.items()
+                    if rs
                 }
                 for name, by_dir in by_path.items()
             }
