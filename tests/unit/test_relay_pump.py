@@ -323,6 +323,45 @@ async def test_loop_guard_refuses_a_wildcard_listener_reached_on_any_address() -
 
 
 @async_test
+async def test_loop_guard_follows_endpoints_as_they_move_and_go() -> None:
+    """Another container's listener or DNS endpoint is refused while it is there, and
+    only there: after a move its old address is an ordinary destination again."""
+    other = "fedcba9876543210fedcba98"
+    async with Socks5Server() as proxy:
+        target = Target(("0.0.0.0", 0))
+        upstream = spec(NetworkType.SOCKS5, proxy.port)
+        async with relay_for(target, upstream) as (relay, address):
+            old_port, new_port, dns_port = free_port(), free_port(), free_port()
+
+            async def place_other(port: int, dns: bool) -> None:
+                await relay.ensure_listener(
+                    container_id=other,
+                    listen_ip=LOOPBACK,
+                    port=port,
+                    upstream=upstream,
+                    dns_servers=[f"{LOOPBACK}:{free_port()}"] if dns else (),
+                    dns_port=dns_port,
+                )
+
+            async def proxied(destination: tuple[str, int]) -> bool:
+                target.address = destination
+                asked = len(proxy.requests)
+                await refused_by_relay(address)  # nothing listens there: closed either way
+                return proxy.requests[asked:] == [destination]
+
+            await place_other(old_port, dns=True)
+            assert not await proxied((LOOPBACK, old_port))
+            assert not await proxied((LOOPBACK, dns_port))
+            await place_other(new_port, dns=False)  # listener moved, DNS endpoint closed
+            assert await proxied((LOOPBACK, old_port))
+            assert await proxied((LOOPBACK, dns_port))
+            assert not await proxied((LOOPBACK, new_port))
+            await relay.remove_listener(other)
+            assert await proxied((LOOPBACK, new_port))
+            assert not await proxied(address)  # the relay's own listener throughout
+
+
+@async_test
 async def test_unreachable_upstream_closes_client() -> None:
     async with EchoServer() as echo:
         upstream = spec(NetworkType.SOCKS5, free_port())

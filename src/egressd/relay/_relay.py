@@ -119,8 +119,11 @@ class Relay:
         self._original_dst: OriginalDst = original_dst or original_destination
         self._ssl_context = ssl_context
         self._containers: dict[str, _Container] = {}
-        # Every address a relay endpoint listens on: a destination among them is a loop.
-        self._own_endpoints: frozenset[tuple[str, int]] = frozenset()
+        # Every address a relay endpoint listens on (how many endpoints are bound there):
+        # a destination among them is a loop. Kept per container, so that adding or
+        # removing one costs the same at 10 containers as at 4000.
+        self._own_endpoints: dict[tuple[str, int], int] = {}
+        self._endpoints_of: dict[str, tuple[tuple[str, int], ...]] = {}
         self._starter = ConnectionStarter(
             connect_timeout=connect_timeout,
             handshake_timeout=handshake_timeout,
@@ -210,7 +213,7 @@ class Relay:
                     dns_sockets.close()
                 raise
             finally:
-                self._refresh_own_endpoints()
+                self._claim_endpoints(container_id)
 
     def _add(
         self,
@@ -228,7 +231,7 @@ class Relay:
         )
         bound = state.bound
         self._containers[container_id] = state
-        self._refresh_own_endpoints()  # before the first accept
+        self._claim_endpoints(container_id)  # before the first accept
         self._start_accepting(state)
         logger.info(
             "container %s: listening on %s via %s",
@@ -247,7 +250,7 @@ class Relay:
         self._stop_accepting(state)
         state.bind(requested, listen_socket)
         bound = state.bound
-        self._refresh_own_endpoints()  # before the first accept
+        self._claim_endpoints(state.container_id)  # before the first accept
         self._start_accepting(state)
         logger.info(
             "container %s: listener moved from %s to %s",
@@ -309,15 +312,25 @@ class Relay:
             format_endpoint(*state.bound),
             aborted,
         )
-        self._refresh_own_endpoints()
+        self._claim_endpoints(container_id)
 
-    def _refresh_own_endpoints(self) -> None:
-        endpoints = set()
-        for state in self._containers.values():
-            endpoints.add(state.bound)
-            if state.dns is not None:
-                endpoints.add(state.dns.bound)
-        self._own_endpoints = frozenset(endpoints)
+    def _claim_endpoints(self, container_id: str) -> None:
+        """Record where ``container_id``'s endpoints are bound now (nowhere once removed)."""
+        state = self._containers.get(container_id)
+        now: tuple[tuple[str, int], ...] = ()
+        if state is not None:
+            now = (state.bound,) if state.dns is None else (state.bound, state.dns.bound)
+        before = self._endpoints_of.pop(container_id, ())
+        if now:
+            self._endpoints_of[container_id] = now
+        own = self._own_endpoints
+        for endpoint in before:
+            if own[endpoint] == 1:
+                del own[endpoint]
+            else:
+                own[endpoint] -= 1
+        for endpoint in now:
+            own[endpoint] = own.get(endpoint, 0) + 1
 
     # -- accepting -------------------------------------------------------------------------
 
