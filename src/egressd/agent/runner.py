@@ -24,6 +24,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from egressd.agent.gc_schedule import FullCollections
 from egressd.agent.plan import Step, applied_type, plan
 from egressd.agent.ports import Dataplane, RelayPort
 from egressd.errors import EgressdError, NotFound, RuntimeLookupError
@@ -90,11 +91,13 @@ class Agent:
         # observed record refreshed: what is stored predates this process.
         self._fresh_start = True
         self._thread: threading.Thread | None = None
+        self._collections = FullCollections()
 
     # -- lifecycle ---------------------------------------------------------------
 
     def start(self) -> None:
         self.dataplane.ensure_host_base(self.settings.nft_table)
+        self._collections.take_over(time.monotonic())
         self._thread = threading.Thread(target=self._run, name="egressd-agent", daemon=True)
         self._thread.start()
 
@@ -104,6 +107,7 @@ class Agent:
         self.wakeups.notify_agent()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        self._collections.give_back()
 
     def _run(self) -> None:
         now = time.monotonic()
@@ -125,7 +129,9 @@ class Agent:
                     next_probe = time.monotonic() + self.settings.probe_interval
             except Exception:
                 log.exception("reconcile pass failed")
-            wait = min(next_resync, next_probe) - time.monotonic()
+            now = time.monotonic()
+            self._collections.run_if_due(now)  # between passes (see gc_schedule)
+            wait = min(next_resync - now, next_probe - now, self._collections.due_in(now))
             self.wakeups.wait_for_work(max(wait, 0.0))
 
     # -- garbage collection ----------------------------------------------------------

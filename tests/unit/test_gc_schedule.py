@@ -1,0 +1,114 @@
+"""Full garbage collections run on the agent's timer while it holds the schedule."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from egressd.agent.gc_schedule import FullCollections
+from tests.unit.conftest import Api
+
+
+@contextmanager
+def full_collections_seen() -> Iterator[list[int]]:
+    """Counts the generation-2 collections that start while the block runs."""
+    seen: list[int] = []
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start" and info["generation"] == 2:
+            seen.append(1)
+
+    gc.callbacks.append(callback)
+    try:
+        yield seen
+    finally:
+        gc.callbacks.remove(callback)
+
+
+def churn() -> None:
+    """Enough long-lived-then-dropped objects to make CPython start full collections:
+    each batch lives through younger collections (so it is promoted) and dies."""
+    for _ in range(40):
+        batch = [[i] for i in range(50_000)]
+        del batch
+
+
+def test_churn_makes_full_collections_without_the_schedule() -> None:
+    """The premise of the next test: this churn does start automatic full collections."""
+    gc.collect()
+    with full_collections_seen() as seen:
+        churn()
+    assert seen
+
+
+def test_no_automatic_full_collection_while_held() -> None:
+    before = gc.get_threshold()
+    schedule = FullCollections(interval=30.0)
+    schedule.take_over(now=0.0)
+    try:
+        gc.collect()
+        with full_collections_seen() as seen:
+            churn()
+        assert seen == []
+        assert gc.get_threshold()[:2] == before[:2]  # younger generations as before
+    finally:
+        schedule.give_back()
+    assert gc.get_threshold() == before
+
+
+def test_the_holder_collects_fully_when_due_and_not_before() -> None:
+    schedule = FullCollections(interval=30.0)
+    schedule.take_over(now=100.0)
+    try:
+        with full_collections_seen() as seen:
+            assert not schedule.run_if_due(129.9)
+            assert schedule.due_in(129.9) < 0.2
+            assert schedule.run_if_due(130.0)
+            assert schedule.due_in(130.0) == 30.0
+            assert not schedule.run_if_due(140.0)
+        assert len(seen) == 1
+    finally:
+        schedule.give_back()
+    assert schedule.due_in(200.0) == float("inf")
+    assert not schedule.run_if_due(1000.0)
+
+
+def test_nested_holders_restore_the_setting_once_the_last_lets_go() -> None:
+    before = gc.get_threshold()
+    first, second = FullCollections(), FullCollections()
+    first.take_over(now=0.0)
+    second.take_over(now=0.0)
+    first.give_back()
+    assert gc.get_threshold() != before  # the second still holds it
+    second.give_back()
+    second.give_back()  # idempotent
+    assert gc.get_threshold() == before
+
+
+def test_a_running_agent_holds_the_schedule_and_collects_on_its_thread(
+    api_no_agent: Api,
+) -> None:
+    before = gc.get_threshold()
+    agent = api_no_agent.agent
+    agent._collections = FullCollections(interval=0.1)
+    threads: list[str] = []
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start" and info["generation"] == 2:
+            threads.append(threading.current_thread().name)
+
+    gc.callbacks.append(callback)
+    try:
+        agent.start()
+        deadline = time.monotonic() + 5.0
+        while "egressd-agent" not in threads and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert "egressd-agent" in threads
+        assert gc.get_threshold()[2] > 1_000_000  # no automatic full collection meanwhile
+    finally:
+        gc.callbacks.remove(callback)
+        agent.stop()
+    assert gc.get_threshold() == before
