@@ -24,6 +24,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from egressd import gil
 from egressd.agent.gc_schedule import FullCollections
 from egressd.agent.plan import Step, applied_type, plan
 from egressd.agent.ports import Dataplane, RelayPort
@@ -215,6 +216,7 @@ class Agent:
         )
         observations: list[Observation] = []
         for view in targets:
+            gil.breathe()
             assert view.desired is not None and view.desired.config.proxy is not None
             assert view.observed is not None
             upstream = dict(results[view.desired.config.proxy])
@@ -258,6 +260,7 @@ class Agent:
 
     def _reconcile_views(self, views: list[NetworkView], *, full: bool) -> None:
         for listed in views:
+            gil.breathe()
             if self._stopping.is_set():
                 return
             if full and self.wakeups.work_pending():

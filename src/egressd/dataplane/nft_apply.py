@@ -20,6 +20,7 @@ import shutil
 import subprocess
 from typing import Any
 
+from egressd import gil
 from egressd.dataplane.names import validate_table
 from egressd.dataplane.netns import run_in_netns
 from egressd.errors import KernelError
@@ -126,4 +127,5 @@ def parse_listing(text: str) -> dict[str, Any]:
             pos = separator.end()
         item, pos = _decoder.raw_decode(text, pos)
         items.append(item)
+        gil.breathe()
     return {"nftables": items}

@@ -23,6 +23,7 @@ from sqlalchemy import Engine, Row, bindparam, delete, func, insert, select, upd
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from egressd import gil
 from egressd.errors import AllocationExhausted, Conflict, InvalidInput, NotFound
 from egressd.model import (
     DesiredState,
@@ -237,8 +238,12 @@ class Store:
         leftovers of a removed configuration), filtered in SQL.
         """
         query = reads.networks_of_node(node, only_pending=only_pending)
+        views: list[NetworkView] = []
         with self.engine.connect() as connection:
-            return [reads.network_of(row) for row in connection.execute(query)]
+            for row in connection.execute(query):
+                views.append(reads.network_of(row))
+                gil.breathe()  # ~50 us of Python a row: let the API's loop in
+        return views
 
     def put_config(
         self,
@@ -399,6 +404,7 @@ class Store:
                         )
                     )
                 )
+                gil.breathe()
                 values = {
                     o.container_id: {
                         "status": o.status.value,

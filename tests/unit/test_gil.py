@@ -1,0 +1,111 @@
+"""Background loops pause for the event loop after a burst of CPU, never on the loop itself."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from egressd import gil
+
+
+def spin(seconds: float) -> None:
+    """Burn this thread's CPU (not wall) time."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def in_new_thread(work: object) -> object:
+    """Run ``work()`` in a fresh thread (fresh thread-local count) and return its result."""
+    result: list[object] = []
+    thread = threading.Thread(target=lambda: result.append(work()))  # type: ignore[operator]
+    thread.start()
+    thread.join(10)
+    return result[0]
+
+
+def test_a_computing_thread_pauses_once_per_burst(monkeypatch: pytest.MonkeyPatch) -> None:
+    pauses: list[float] = []
+    monkeypatch.setattr(gil.time, "sleep", pauses.append)
+
+    def work() -> int:
+        paused = 0
+        gil.breathe()  # starts the count
+        for _ in range(10):
+            spin(gil.BURST_S / 4)
+            paused += gil.breathe()
+        return paused
+
+    # 10 quarter bursts: two full bursts, two pauses (a third is not due yet).
+    assert in_new_thread(work) == 2
+    assert pauses == [gil.PAUSE_S, gil.PAUSE_S]
+
+
+def test_a_thread_that_waits_instead_of_computing_never_pauses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Wall time spent off the CPU (the kernel, a subprocess, a lock) is not a burst."""
+    pauses: list[float] = []
+    real_sleep = time.sleep
+    monkeypatch.setattr(gil.time, "sleep", pauses.append)
+
+    def work() -> int:
+        paused = 0
+        gil.breathe()
+        for _ in range(5):
+            real_sleep(gil.BURST_S)
+            paused += gil.breathe()
+        return paused
+
+    assert in_new_thread(work) == 0
+    assert pauses == []
+
+
+def test_an_event_loop_thread_never_pauses(monkeypatch: pytest.MonkeyPatch) -> None:
+    pauses: list[float] = []
+    monkeypatch.setattr(gil.time, "sleep", pauses.append)
+
+    async def on_the_loop() -> int:
+        paused = 0
+        gil.breathe()
+        for _ in range(5):
+            spin(gil.BURST_S)
+            paused += gil.breathe()
+        return paused
+
+    assert in_new_thread(lambda: asyncio.run(on_the_loop())) == 0
+    assert pauses == []
+
+
+def test_the_pause_lets_a_waiting_thread_run() -> None:
+    """What the pause is for: a thread waiting for the GIL runs during it.
+
+    Two CPU-bound Python threads: the waiter records each time it ran; the
+    worker, breathing, must see the waiter's count move across one pause.
+    """
+    stop = threading.Event()
+    ran = [0]
+
+    def waiter() -> None:
+        while not stop.is_set():
+            ran[0] += 1
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    try:
+
+        def work() -> bool:
+            gil.breathe()
+            spin(gil.BURST_S)
+            before = ran[0]
+            # breathe() sleeps PAUSE_S with the GIL released: the waiter runs.
+            assert gil.breathe()
+            return ran[0] > before
+
+        assert in_new_thread(work)
+    finally:
+        stop.set()
+        thread.join(10)
