@@ -54,7 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=16, help="connections in flight (conns)")
     p.add_argument("--api-duration", type=float, default=10.0)
     p.add_argument("--api-connections", type=int, default=16)
-    p.add_argument("--api-repeat", type=int, default=1)
+    p.add_argument(
+        "--api-repeat", type=int, default=3, help="API windows; median (and worst) reported"
+    )
     p.add_argument("--scale-deadline", type=float, default=900.0, help="bound of the scale case, s")
     p.add_argument("--readopt-timeout", type=float, default=300.0)
     p.add_argument("--redsocks-cap", type=int, default=100, help="idle redsocks started at most")
