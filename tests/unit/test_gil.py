@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -27,20 +28,22 @@ def in_new_thread(work: object) -> object:
     return result[0]
 
 
+def pauses_over(steps: int, step: Callable[[], None]) -> int:
+    """Call ``breathe()`` after each of ``steps`` calls of ``step``; how many times it paused."""
+    paused = 0
+    gil.breathe()  # starts the count
+    for _ in range(steps):
+        step()
+        paused += gil.breathe()
+    return paused
+
+
 def test_a_computing_thread_pauses_once_per_burst(monkeypatch: pytest.MonkeyPatch) -> None:
     pauses: list[float] = []
     monkeypatch.setattr(gil.time, "sleep", pauses.append)
 
-    def work() -> int:
-        paused = 0
-        gil.breathe()  # starts the count
-        for _ in range(10):
-            spin(gil.BURST_S / 4)
-            paused += gil.breathe()
-        return paused
-
     # 10 quarter bursts: two full bursts, two pauses (a third is not due yet).
-    assert in_new_thread(work) == 2
+    assert in_new_thread(lambda: pauses_over(10, lambda: spin(gil.BURST_S / 4))) == 2
     assert pauses == [gil.PAUSE_S, gil.PAUSE_S]
 
 
@@ -52,15 +55,7 @@ def test_a_thread_that_waits_instead_of_computing_never_pauses(
     real_sleep = time.sleep
     monkeypatch.setattr(gil.time, "sleep", pauses.append)
 
-    def work() -> int:
-        paused = 0
-        gil.breathe()
-        for _ in range(5):
-            real_sleep(gil.BURST_S)
-            paused += gil.breathe()
-        return paused
-
-    assert in_new_thread(work) == 0
+    assert in_new_thread(lambda: pauses_over(5, lambda: real_sleep(gil.BURST_S))) == 0
     assert pauses == []
 
 
@@ -69,12 +64,7 @@ def test_an_event_loop_thread_never_pauses(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(gil.time, "sleep", pauses.append)
 
     async def on_the_loop() -> int:
-        paused = 0
-        gil.breathe()
-        for _ in range(5):
-            spin(gil.BURST_S)
-            paused += gil.breathe()
-        return paused
+        return pauses_over(5, lambda: spin(gil.BURST_S))
 
     assert in_new_thread(lambda: asyncio.run(on_the_loop())) == 0
     assert pauses == []
