@@ -7,6 +7,10 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
 
 from egressd.agent.gc_schedule import FullCollections
 from tests.unit.conftest import Api
@@ -112,3 +116,22 @@ def test_a_running_agent_holds_the_schedule_and_collects_on_its_thread(
         gc.callbacks.remove(callback)
         agent.stop()
     assert gc.get_threshold() == before
+
+
+def test_a_long_pass_still_collects_on_time(
+    api_no_agent: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The schedule is kept inside a pass that outlasts the interval, not only between passes:
+    a stuck or long pass must not let garbage pile up with the automatic collections off."""
+    agent = api_no_agent.agent
+    agent._collections = FullCollections(interval=0.05)
+    monkeypatch.setattr(agent.store, "get_network", lambda cid: cid)
+    monkeypatch.setattr(agent, "reconcile", lambda view: time.sleep(0.06))
+    views: Any = [SimpleNamespace(container=SimpleNamespace(id=f"c{i}")) for i in range(4)]
+    agent._collections.take_over(time.monotonic())
+    try:
+        with full_collections_seen() as seen:
+            agent._reconcile_views(views, full=False)
+    finally:
+        agent._collections.give_back()
+    assert len(seen) >= 3  # one before each of containers 2, 3 and 4

@@ -12,9 +12,11 @@ relayed connection, stands still.
 
 While an agent runs, :class:`FullCollections` turns the automatic full
 collections off and the agent runs one itself every ``interval`` seconds,
-between passes: the same pause, a few times a minute at most instead of
-every few seconds. Younger generations are collected as usual, and cyclic
-garbage that reached the oldest generation waits at most ``interval``.
+between passes and between the containers of a long pass: the same pause,
+a few times a minute at most instead of every few seconds. Younger
+generations are collected as usual, and cyclic garbage that reached the
+oldest generation waits about ``interval`` (longer only while one
+container's step or a probe round is under way).
 Objects are never frozen: what a removed container leaves in cycles is
 still found.
 

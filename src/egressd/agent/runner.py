@@ -261,6 +261,9 @@ class Agent:
     def _reconcile_views(self, views: list[NetworkView], *, full: bool) -> None:
         for listed in views:
             gil.breathe()
+            # A pass can outlast the interval (re-adopting a thousand containers,
+            # timeouts): the full collections keep their pace meanwhile.
+            self._collections.run_if_due(time.monotonic())
             if self._stopping.is_set():
                 return
             if full and self.wakeups.work_pending():
