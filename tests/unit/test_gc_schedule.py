@@ -12,8 +12,38 @@ from typing import Any
 
 import pytest
 
+from egressd.agent import gc_schedule
 from egressd.agent.gc_schedule import FullCollections
 from tests.unit.conftest import Api
+
+
+def _threshold_is_respected() -> bool:
+    before = gc.get_threshold()
+    gc.set_threshold(before[0], before[1], 12345)
+    try:
+        return gc.get_threshold()[2] == 12345
+    finally:
+        gc.set_threshold(*before)
+
+
+pytestmark = pytest.mark.skipif(
+    not _threshold_is_respected(),
+    reason="this interpreter ignores the full-collection threshold (CPython 3.14.0-3.14.4)",
+)
+
+
+@pytest.fixture(autouse=True)
+def _schedule_left_as_found() -> Iterator[None]:
+    """Each test gives every hold back: a leftover would turn full collections off for the
+    rest of the session and fail unrelated tests far from the cause."""
+    before = gc.get_threshold()
+    yield
+    leftover = gc_schedule._holders
+    if leftover:
+        gc_schedule._holders, gc_schedule._saved = 0, None
+        gc.set_threshold(*before)
+    assert leftover == 0
+    assert gc.get_threshold() == before
 
 
 @contextmanager
@@ -51,7 +81,7 @@ def test_churn_makes_full_collections_without_the_schedule() -> None:
 def test_no_automatic_full_collection_while_held() -> None:
     before = gc.get_threshold()
     schedule = FullCollections(interval=30.0)
-    schedule.take_over(now=0.0)
+    schedule.take_over(now=time.monotonic())
     try:
         gc.collect()
         with full_collections_seen() as seen:
@@ -64,7 +94,7 @@ def test_no_automatic_full_collection_while_held() -> None:
 
 
 def test_the_holder_collects_fully_when_due_and_not_before() -> None:
-    schedule = FullCollections(interval=30.0)
+    schedule = FullCollections(interval=30.0, clock=lambda: 100.0)
     schedule.take_over(now=100.0)
     try:
         with full_collections_seen() as seen:
@@ -83,12 +113,36 @@ def test_the_holder_collects_fully_when_due_and_not_before() -> None:
 def test_nested_holders_restore_the_setting_once_the_last_lets_go() -> None:
     before = gc.get_threshold()
     first, second = FullCollections(), FullCollections()
-    first.take_over(now=0.0)
-    second.take_over(now=0.0)
-    first.give_back()
-    assert gc.get_threshold() != before  # the second still holds it
-    second.give_back()
+    try:
+        first.take_over(now=time.monotonic())
+        second.take_over(now=time.monotonic())
+        first.give_back()
+        assert gc.get_threshold() != before  # the second still holds it
+    finally:
+        first.give_back()
+        second.give_back()
     second.give_back()  # idempotent
+    assert gc.get_threshold() == before
+
+
+def test_a_late_holder_gets_automatic_collections_back_until_it_runs_again() -> None:
+    """A hung agent must not leave the process without full collections."""
+    before = gc.get_threshold()
+    now = [0.0]
+    schedule = FullCollections(interval=30.0, clock=lambda: now[0])
+    schedule.take_over(now=0.0)
+    try:
+        churn()  # younger collections, on time: nothing changes
+        assert gc.get_threshold()[2] == gc_schedule._NEVER
+        now[0] = 30.0 + 2 * 30.0 + 1  # due at 30, late by more than two intervals
+        churn()
+        assert gc.get_threshold() == before  # automatic again
+        with full_collections_seen() as seen:
+            assert schedule.run_if_due(now[0])
+        assert seen
+        assert gc.get_threshold()[2] == gc_schedule._NEVER  # the holder's timer again
+    finally:
+        schedule.give_back()
     assert gc.get_threshold() == before
 
 
@@ -135,3 +189,22 @@ def test_a_long_pass_still_collects_on_time(
     finally:
         agent._collections.give_back()
     assert len(seen) >= 3  # one before each of containers 2, 3 and 4
+
+
+def test_an_agent_thread_that_ends_gives_the_schedule_back_without_stop(
+    api_no_agent: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = gc.get_threshold()
+    agent = api_no_agent.agent
+    entered = threading.Event()
+
+    def held_then_gone() -> None:
+        entered.set()
+        assert gc.get_threshold()[2] == gc_schedule._NEVER
+
+    monkeypatch.setattr(agent, "_reconcile_until_stopped", held_then_gone)
+    agent.start()
+    assert agent._thread is not None
+    agent._thread.join(5)
+    assert entered.is_set()
+    assert gc.get_threshold() == before  # no stop() called

@@ -98,7 +98,6 @@ class Agent:
 
     def start(self) -> None:
         self.dataplane.ensure_host_base(self.settings.nft_table)
-        self._collections.take_over(time.monotonic())
         self._thread = threading.Thread(target=self._run, name="egressd-agent", daemon=True)
         self._thread.start()
 
@@ -108,9 +107,16 @@ class Agent:
         self.wakeups.notify_agent()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        self._collections.give_back()
 
     def _run(self) -> None:
+        # Held by this thread, so given back however it ends (see gc_schedule).
+        self._collections.take_over(time.monotonic())
+        try:
+            self._reconcile_until_stopped()
+        finally:
+            self._collections.give_back()
+
+    def _reconcile_until_stopped(self) -> None:
         now = time.monotonic()
         # The first pass adopts; the first probe round follows it at once.
         next_resync, next_probe = now, now
