@@ -10,7 +10,7 @@ listed its containers (50-100 ms of Python) the API's loop stood still for
 about as long (docs/BENCHMARKS.md). A lower switch interval does not help:
 both threads then pay for the switches.
 
-:func:`breathe` is called once per item by such loops. Once the calling
+:func:`breathe` is called once per item (or per batch) by such loops. Once the calling
 thread has spent :data:`BURST_S` of CPU since its last pause, it sleeps
 :data:`PAUSE_S`, during which the loop runs alone. The count is CPU time
 (``time.thread_time``), so a loop that mostly waits for the kernel (GIL
@@ -30,6 +30,9 @@ BURST_S = 0.002  # CPU a background thread spends between two pauses
 PAUSE_S = 0.001  # the loop's turn
 
 _last_pause = threading.local()
+# Looked up at each call, so that tests can drive them without patching the time module.
+_cpu_time = time.thread_time
+_sleep = time.sleep
 
 
 def breathe() -> bool:
@@ -37,7 +40,7 @@ def breathe() -> bool:
 
     Returns whether it paused.
     """
-    now = time.thread_time()
+    now = _cpu_time()
     since: float | None = getattr(_last_pause, "cpu", None)
     if since is None:
         _last_pause.cpu = now
@@ -48,6 +51,6 @@ def breathe() -> bool:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        time.sleep(PAUSE_S)
+        _sleep(PAUSE_S)
         return True
     return False  # this thread is a loop's: never stop it

@@ -19,10 +19,10 @@ def spin(seconds: float) -> None:
         pass
 
 
-def in_new_thread(work: object) -> object:
+def in_new_thread(work: Callable[[], object]) -> object:
     """Run ``work()`` in a fresh thread (fresh thread-local count) and return its result."""
     result: list[object] = []
-    thread = threading.Thread(target=lambda: result.append(work()))  # type: ignore[operator]
+    thread = threading.Thread(target=lambda: result.append(work()))
     thread.start()
     thread.join(10)
     return result[0]
@@ -38,33 +38,51 @@ def pauses_over(steps: int, step: Callable[[], None]) -> int:
     return paused
 
 
-def test_a_computing_thread_pauses_once_per_burst(monkeypatch: pytest.MonkeyPatch) -> None:
-    pauses: list[float] = []
-    monkeypatch.setattr(gil.time, "sleep", pauses.append)
+class FakeCpu:
+    """A CPU clock that moves only when told to."""
 
-    # 10 quarter bursts: two full bursts, two pauses (a third is not due yet).
-    assert in_new_thread(lambda: pauses_over(10, lambda: spin(gil.BURST_S / 4))) == 2
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def run(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def pauses(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The pauses breathe() asked for, instead of sleeping them (only gil's own sleep)."""
+    asked: list[float] = []
+    monkeypatch.setattr(gil, "_sleep", asked.append)
+    return asked
+
+
+def test_a_computing_thread_pauses_once_per_burst(
+    pauses: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cpu = FakeCpu()
+    monkeypatch.setattr(gil, "_cpu_time", cpu)
+    # Steps of 0.4 bursts: a pause after the 3rd and the 6th (1.2 bursts each time).
+    assert in_new_thread(lambda: pauses_over(7, lambda: cpu.run(0.4 * gil.BURST_S))) == 2
     assert pauses == [gil.PAUSE_S, gil.PAUSE_S]
 
 
-def test_a_thread_that_waits_instead_of_computing_never_pauses(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_a_thread_that_waits_instead_of_computing_never_pauses(pauses: list[float]) -> None:
     """Wall time spent off the CPU (the kernel, a subprocess, a lock) is not a burst."""
-    pauses: list[float] = []
-    real_sleep = time.sleep
-    monkeypatch.setattr(gil.time, "sleep", pauses.append)
-
-    assert in_new_thread(lambda: pauses_over(5, lambda: real_sleep(gil.BURST_S))) == 0
+    assert in_new_thread(lambda: pauses_over(5, lambda: time.sleep(gil.BURST_S))) == 0
     assert pauses == []
 
 
-def test_an_event_loop_thread_never_pauses(monkeypatch: pytest.MonkeyPatch) -> None:
-    pauses: list[float] = []
-    monkeypatch.setattr(gil.time, "sleep", pauses.append)
+def test_an_event_loop_thread_never_pauses(
+    pauses: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cpu = FakeCpu()
+    monkeypatch.setattr(gil, "_cpu_time", cpu)
 
     async def on_the_loop() -> int:
-        return pauses_over(5, lambda: spin(gil.BURST_S))
+        return pauses_over(5, lambda: cpu.run(gil.BURST_S))
 
     assert in_new_thread(lambda: asyncio.run(on_the_loop())) == 0
     assert pauses == []
