@@ -115,11 +115,11 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         n = api["containers"]
         note = "" if n >= 1000 else f"measured at N={n}; the target is for 1000"
         out.append(_target("API GET req/s", api["requests_per_s"], op=">=", limit=1500, note=note))
-        runs = api.get("runs") or []
+        worst = _worst_p99(api)
         spread = (
-            f"median of {len(runs)} windows; {_worst_window(api).strip(' ()')}"
-            if len(runs) > 1
-            else ""
+            ""
+            if worst is None
+            else f"median of {len(api['runs'])} windows; worst window {_f(worst)} ms"
         )
         p99_note = "; ".join(x for x in (note, spread) if x)
         out.append(_target("API GET p99 (ms)", api["p99_ms"], op="<=", limit=25, note=p99_note))
@@ -133,13 +133,10 @@ def _f(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
-def _worst_window(api: dict[str, Any]) -> str:
-    """The slowest window's p99 beside the median: a tail the median leaves out."""
+def _worst_p99(api: dict[str, Any]) -> float | None:
+    """The slowest window's p99 (a tail the median leaves out); None for a single window."""
     runs = api.get("runs") or []
-    if len(runs) < 2:
-        return ""
-    worst = max(run["latency_ms"]["p99"] for run in runs)
-    return f" (worst window {_f(worst)} ms)"
+    return max(run["latency_ms"]["p99"] for run in runs) if len(runs) > 1 else None
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -280,12 +277,13 @@ def markdown(results: dict[str, Any], *, json_name: str, png_name: str | None) -
         lines += _scale_md(scale)
     api = results.get("api")
     if api:
+        worst = _worst_p99(api)
+        tail = "" if worst is None else f" (worst window {_f(worst)} ms)"
         lines += [
             f"**API** `GET /api/v1/containers/{{id}}/network` at {api['containers']} containers, "
             f"wrk 1 thread, {api['connections']} keep-alive connections, {api['duration_s']:g} s, "
             f"median of {len(api['runs'])}: **{_f(api['requests_per_s'], 0)} req/s**, p50 "
-            f"{_f(api['p50_ms'])} ms, p99 {_f(api['p99_ms'])} ms{_worst_window(api)}, "
-            f"{api['errors']} errors.",
+            f"{_f(api['p50_ms'])} ms, p99 {_f(api['p99_ms'])} ms{tail}, {api['errors']} errors.",
             "",
         ]
     lines += _profiles_md(results)
