@@ -81,7 +81,7 @@ def test_churn_makes_full_collections_without_the_schedule() -> None:
 def test_no_automatic_full_collection_while_held() -> None:
     before = gc.get_threshold()
     schedule = FullCollections(interval=30.0)
-    schedule.take_over(now=time.monotonic())
+    schedule.take_over()
     try:
         gc.collect()
         with full_collections_seen() as seen:
@@ -94,28 +94,33 @@ def test_no_automatic_full_collection_while_held() -> None:
 
 
 def test_the_holder_collects_fully_when_due_and_not_before() -> None:
-    schedule = FullCollections(interval=30.0, clock=lambda: 100.0)
-    schedule.take_over(now=100.0)
+    now = [100.0]
+    schedule = FullCollections(interval=30.0, clock=lambda: now[0])
+    schedule.take_over()
     try:
         with full_collections_seen() as seen:
-            assert not schedule.run_if_due(129.9)
-            assert schedule.due_in(129.9) < 0.2
-            assert schedule.run_if_due(130.0)
-            assert schedule.due_in(130.0) == 30.0
-            assert not schedule.run_if_due(140.0)
+            now[0] = 129.9
+            assert not schedule.run_if_due()
+            assert schedule.due_in() < 0.2
+            now[0] = 130.0
+            assert schedule.run_if_due()
+            assert schedule.due_in() == 30.0
+            now[0] = 140.0
+            assert not schedule.run_if_due()
         assert len(seen) == 1
     finally:
         schedule.give_back()
-    assert schedule.due_in(200.0) == float("inf")
-    assert not schedule.run_if_due(1000.0)
+    now[0] = 1000.0
+    assert schedule.due_in() == float("inf")
+    assert not schedule.run_if_due()
 
 
 def test_nested_holders_restore_the_setting_once_the_last_lets_go() -> None:
     before = gc.get_threshold()
     first, second = FullCollections(), FullCollections()
     try:
-        first.take_over(now=time.monotonic())
-        second.take_over(now=time.monotonic())
+        first.take_over()
+        second.take_over()
         first.give_back()
         assert gc.get_threshold() != before  # the second still holds it
     finally:
@@ -130,7 +135,7 @@ def test_a_late_holder_gets_automatic_collections_back_until_it_runs_again() -> 
     before = gc.get_threshold()
     now = [0.0]
     schedule = FullCollections(interval=30.0, clock=lambda: now[0])
-    schedule.take_over(now=0.0)
+    schedule.take_over()
     try:
         churn()  # younger collections, on time: nothing changes
         assert gc.get_threshold()[2] == gc_schedule._NEVER
@@ -138,7 +143,7 @@ def test_a_late_holder_gets_automatic_collections_back_until_it_runs_again() -> 
         churn()
         assert gc.get_threshold() == before  # automatic again
         with full_collections_seen() as seen:
-            assert schedule.run_if_due(now[0])
+            assert schedule.run_if_due()
         assert seen
         assert gc.get_threshold()[2] == gc_schedule._NEVER  # the holder's timer again
     finally:
@@ -182,7 +187,7 @@ def test_a_long_pass_still_collects_on_time(
     monkeypatch.setattr(agent.store, "get_network", lambda cid: cid)
     monkeypatch.setattr(agent, "reconcile", lambda view: time.sleep(0.06))
     views: Any = [SimpleNamespace(container=SimpleNamespace(id=f"c{i}")) for i in range(4)]
-    agent._collections.take_over(time.monotonic())
+    agent._collections.take_over()
     try:
         with full_collections_seen() as seen:
             agent._reconcile_views(views, full=False)

@@ -6,7 +6,7 @@ Beside a running agent that is every few seconds: each pass parses netlink
 dumps and ``nft`` listings into objects that live long enough to be
 promoted. A full collection walks every tracked object -- about 90 per
 container (each listener's and DNS endpoint's sockets, handles, contexts,
-tasks) -- while holding the GIL: 50-66 ms of CPU at 1000 containers
+tasks) -- while holding the GIL: 50-118 ms of CPU at 1000 containers
 (docs/BENCHMARKS.md), during which the event loop, with the API and every
 relayed connection, stands still.
 
@@ -68,14 +68,14 @@ class FullCollections:
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """``clock``: the one the holder's ``now`` arguments come from."""
+        """``clock``: seconds, monotonic (tests pass their own)."""
         self.interval = interval
         self._clock = clock
         self._next: float | None = None
         self._held = False
         self._lapsed = False
 
-    def take_over(self, now: float) -> None:
+    def take_over(self) -> None:
         global _holders, _saved
         with _lock:
             if self._held:
@@ -90,7 +90,7 @@ class FullCollections:
                         "full collections stay automatic"
                     )
             _holders += 1
-            self._next = now + self.interval
+            self._next = self._clock() + self.interval
             self._lapsed = False
             gc.callbacks.append(self._watch)
 
@@ -107,14 +107,14 @@ class FullCollections:
                 _saved = None
             self._next = None
 
-    def due_in(self, now: float) -> float:
+    def due_in(self) -> float:
         """Seconds until the next full collection (infinite when not held)."""
         due = self._next
-        return float("inf") if due is None else max(due - now, 0.0)
+        return float("inf") if due is None else max(due - self._clock(), 0.0)
 
-    def run_if_due(self, now: float) -> bool:
+    def run_if_due(self) -> bool:
         """Collect every generation if the time has come; True if it ran."""
-        due = self._next
+        now, due = self._clock(), self._next
         if due is None or now < due:
             return False
         with _lock:

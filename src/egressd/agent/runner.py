@@ -110,7 +110,7 @@ class Agent:
 
     def _run(self) -> None:
         # Held by this thread, so given back however it ends (see gc_schedule).
-        self._collections.take_over(time.monotonic())
+        self._collections.take_over()
         try:
             self._reconcile_until_stopped()
         finally:
@@ -137,8 +137,8 @@ class Agent:
             except Exception:
                 log.exception("reconcile pass failed")
             now = time.monotonic()
-            self._collections.run_if_due(now)  # between passes (see gc_schedule)
-            wait = min(next_resync - now, next_probe - now, self._collections.due_in(now))
+            self._collections.run_if_due()  # between passes (see gc_schedule)
+            wait = min(next_resync - now, next_probe - now, self._collections.due_in())
             self.wakeups.wait_for_work(max(wait, 0.0))
 
     # -- garbage collection ----------------------------------------------------------
@@ -269,7 +269,7 @@ class Agent:
             gil.breathe()
             # A pass can outlast the interval (re-adopting a thousand containers,
             # timeouts): the full collections keep their pace meanwhile.
-            self._collections.run_if_due(time.monotonic())
+            self._collections.run_if_due()
             if self._stopping.is_set():
                 return
             if full and self.wakeups.work_pending():
