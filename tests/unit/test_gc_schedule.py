@@ -156,7 +156,8 @@ def test_a_running_agent_holds_the_schedule_and_collects_on_its_thread(
 ) -> None:
     before = gc.get_threshold()
     agent = api_no_agent.agent
-    agent._collections = FullCollections(interval=0.1)
+    # Long enough that a slow machine does not make it late (which would lapse the hold).
+    agent._collections = FullCollections(interval=0.5)
     threads: list[str] = []
 
     def callback(phase: str, info: dict[str, int]) -> None:
