@@ -183,8 +183,16 @@ def _announce_token(settings: Settings, store: Store) -> None:
 def _run_uvicorn(app: FastAPI, *, host: str, port: int, log_level: str) -> None:
     # uvloop: the relay's data path runs as callbacks on this loop, and asyncio's own
     # loop (pure Python per wake-up) measurably adds to the relay's CPU per connection.
+    # httptools, named rather than "auto": a venv without it would silently parse HTTP
+    # in pure Python (h11), ~30% fewer API requests/s on the same loop.
     config = uvicorn.Config(
-        app, host=host, port=port, loop="uvloop", log_level=log_level, access_log=False
+        app,
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        log_level=log_level,
+        access_log=False,
     )
     uvicorn.Server(config).run()
 
