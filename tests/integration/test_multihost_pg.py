@@ -33,6 +33,7 @@ from egressd.model import DesiredState, NetworkConfig, NetworkType, ProxySpec, S
 from egressd.store import Store, make_engine, migrate
 from egressd.store import nodes as node_queries
 from egressd.store.db import alembic_config
+from egressd.store.repository import HealthUpdate
 from egressd.store.tables import NodeRow
 from egressd.store.wakeups import PgWakeups
 from tests.integration.conftest import require_tools
@@ -167,6 +168,26 @@ def test_schema_and_store_on_postgresql(pg: PgCluster, monkeypatch: pytest.Monke
         assert view.desired is not None and view.desired.config.proxy is not None
         assert view.desired.config.proxy.password == "p"
         assert {n.name: n.containers for n in store.list_nodes()}["b"] == 1
+        # A probe round: its slim list, and its write of the health alone.
+        [target] = store.probe_targets(node="b")
+        assert store.probe_targets(node="a") == []
+        assert (target.container_id, target.proxy, target.status) == (
+            cid,
+            config.proxy,
+            Status.RUNNING,
+        )
+        down = {"reachable": False, "last_error": "refused"}
+        store.record_health(
+            [HealthUpdate([cid], status=Status.ERROR, reason="upstream down", upstream=down)]
+        )
+        observed = store.get_network(cid).observed
+        assert observed is not None and observed.last_check is not None
+        assert (observed.status, observed.reason, observed.upstream) == (
+            Status.ERROR,
+            "upstream down",
+            down,
+        )
+        assert observed.is_running and observed.applied == view.observed.applied
     finally:
         engine.dispose()
 

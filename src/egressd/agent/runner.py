@@ -29,11 +29,11 @@ from egressd.agent.gc_schedule import FullCollections
 from egressd.agent.plan import Step, applied_type, plan
 from egressd.agent.ports import Dataplane, RelayPort
 from egressd.errors import EgressdError, NotFound, RuntimeLookupError
-from egressd.model import Allocation, DesiredState, ProxySpec, Status
+from egressd.model import Allocation, ProxySpec, Status
 from egressd.runtimes import resolve_netns
 from egressd.settings import Settings
 from egressd.store import NetworkView, Store
-from egressd.store.repository import Observation
+from egressd.store.repository import HealthUpdate
 from egressd.store.wakeups import Wakeups
 
 log = logging.getLogger(__name__)
@@ -182,27 +182,14 @@ class Agent:
         Runs in the reconciler thread (the only writer of observed state), the
         probes themselves concurrently on the relay loop, bounded in number.
         """
-        targets = [
-            v
-            for v in self.store.list_networks(node=self.settings.node)
-            if not _pending(v)
-            and v.desired is not None
-            and v.desired.desired_state is DesiredState.RUNNING
-            and v.desired.config.proxy is not None
-            and v.observed is not None
-            and v.observed.is_running
-        ]
+        targets = self.store.probe_targets(node=self.settings.node)
         if not targets:
             return
 
         # One probe per distinct upstream (endpoint and credentials), however
         # many containers share it: hundreds of containers behind one proxy
         # must not mean hundreds of handshakes every round.
-        specs: list[ProxySpec] = []
-        for view in targets:
-            assert view.desired is not None and view.desired.config.proxy is not None
-            specs.append(view.desired.config.proxy)
-        specs = list(dict.fromkeys(specs))
+        specs = list(dict.fromkeys(target.proxy for target in targets))
 
         async def probe_many() -> list[dict[str, Any]]:
             limit = asyncio.Semaphore(64)
@@ -213,41 +200,30 @@ class Agent:
 
             return await asyncio.gather(*(one(spec) for spec in specs))
 
-        results = dict(
-            zip(
-                specs,
-                self._on_loop(probe_many(), timeout=self.settings.upstream_timeout * 4 + 30),
-                strict=True,
-            )
-        )
-        observations: list[Observation] = []
-        for view in targets:
-            gil.breathe()
-            assert view.desired is not None and view.desired.config.proxy is not None
-            assert view.observed is not None
-            upstream = dict(results[view.desired.config.proxy])
-            healthy = bool(upstream.get("reachable")) and not upstream.get("last_error")
-            reason = (
-                None if healthy else f"upstream proxy check failed: {upstream.get('last_error')}"
-            )
-            was = view.observed.status
-            if healthy and was is Status.ERROR:
-                log.info("container %s: upstream recovered", view.container.id)
-            elif not healthy and was is not Status.ERROR:
-                log.warning("container %s: %s", view.container.id, reason)
-            observations.append(
-                Observation(
-                    view.container.id,
-                    status=Status.RUNNING if healthy else Status.ERROR,
-                    reason=reason,
-                    is_running=True,
-                    observed_generation=view.desired.generation,
-                    applied=dict(view.observed.applied) if view.observed.applied else None,
-                    upstream=upstream,
+        results = self._on_loop(probe_many(), timeout=self.settings.upstream_timeout * 4 + 30)
+        outcome: dict[ProxySpec, tuple[Status, str | None]] = {}
+        for spec, upstream in zip(specs, results, strict=True):
+            if upstream.get("reachable") and not upstream.get("last_error"):
+                outcome[spec] = (Status.RUNNING, None)
+            else:
+                outcome[spec] = (
+                    Status.ERROR,
+                    f"upstream proxy check failed: {upstream.get('last_error')}",
                 )
-            )
-        # One transaction for the round (see Store.record_observations).
-        self.store.record_observations(observations)
+        members: dict[ProxySpec, list[str]] = {spec: [] for spec in specs}
+        for target in targets:
+            status, reason = outcome[target.proxy]
+            if status is Status.RUNNING and target.status is Status.ERROR:
+                log.info("container %s: upstream recovered", target.container_id)
+            elif status is Status.ERROR and target.status is not Status.ERROR:
+                log.warning("container %s: %s", target.container_id, reason)
+            members[target.proxy].append(target.container_id)
+        updates = [
+            HealthUpdate(members[spec], status=status, reason=reason, upstream=dict(upstream))
+            for (spec, (status, reason)), upstream in zip(outcome.items(), results, strict=True)
+        ]
+        # One transaction for the round, one statement per upstream (see Store.record_health).
+        self.store.record_health(updates)
         self.wakeups.notify_observed()
 
     # -- reconcile -----------------------------------------------------------------

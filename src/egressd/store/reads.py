@@ -124,6 +124,39 @@ def networks_of_node(node: str, *, only_pending: bool) -> Select[Any]:
     return query
 
 
+PROBE_TARGET_COLUMNS = (
+    _containers.c.id,
+    _configs.c.type,
+    _configs.c.proxy_url,
+    _configs.c.proxy_username,
+    _configs.c.proxy_password,
+    _statuses.c.status,
+)
+
+
+def probe_targets_of_node(node: str) -> Select[Any]:
+    """The probe round's list: the running proxy containers of ``node``, settled.
+
+    Settled: the agent has acted on the latest desired state and the
+    enforcement runs (observed at the configuration's generation, running),
+    the rule ``agent.runner`` used to apply to the full list, which a unit
+    test holds this to. Only what a probe needs: a whole view costs ~55 us
+    of Python a row, and a probe round lists every container.
+    """
+    return (
+        select(*PROBE_TARGET_COLUMNS)
+        .select_from(_containers)
+        .join(_configs, _configs.c.container_id == _containers.c.id)
+        .join(_statuses, _statuses.c.container_id == _containers.c.id)
+        .where(_containers.c.node == node)
+        .where(_configs.c.desired_state == DesiredState.RUNNING.value)
+        .where(_configs.c.proxy_url.is_not(None) & (_configs.c.proxy_url != ""))
+        .where(_statuses.c.is_running.is_(True))
+        .where(_statuses.c.observed_generation == _configs.c.generation)
+        .order_by(_containers.c.id)
+    )
+
+
 class DirectRead:
     """One module-level SELECT of this module, run on the raw DBAPI connection."""
 
