@@ -168,7 +168,21 @@ def test_schema_and_store_on_postgresql(pg: PgCluster, monkeypatch: pytest.Monke
         assert view.desired is not None and view.desired.config.proxy is not None
         assert view.desired.config.proxy.password == "p"
         assert {n.name: n.containers for n in store.list_nodes()}["b"] == 1
-        # A probe round: its slim list, and its write of the health alone.
+        # A probe round: its slim list (not a failed apply), and its write of the health alone.
+        failed = store.create_container(
+            container_id=None, name=None, owner=None, runtime="netns", ref="y", node="b"
+        ).id
+        store.put_config(
+            failed, config, pool=ipaddress.IPv4Network("10.20.0.0/24"), prefix=29, port=1080
+        )
+        store.record_observed(
+            failed,
+            status=Status.ERROR,
+            reason="apply failed",
+            is_running=False,
+            observed_generation=store.set_desired_state(failed, DesiredState.RUNNING),
+            applied=None,
+        )
         [target] = store.probe_targets(node="b")
         assert store.probe_targets(node="a") == []
         assert (target.container_id, target.proxy, target.status) == (

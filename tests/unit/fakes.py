@@ -80,6 +80,7 @@ class FakeRelay:
         self.listeners: dict[str, ProxySpec] = {}
         self.dns: dict[str, tuple[str, ...]] = {}
         self.reachable = True
+        self.down_ports: set[int] = set()  # upstreams that fail while the others answer
         self.error = "connection refused"
         self.probed: list[ProxySpec] = []
 
@@ -103,10 +104,11 @@ class FakeRelay:
 
     async def probe(self, spec: ProxySpec, *, timeout: float) -> dict[str, Any]:
         self.probed.append(spec)
+        reachable = self.reachable and spec.port not in self.down_ports
         return {
-            "reachable": self.reachable,
-            "latency_ms": 1.0 if self.reachable else None,
-            "last_error": None if self.reachable else self.error,
+            "reachable": reachable,
+            "latency_ms": 1.0 if reachable else None,
+            "last_error": None if reachable else self.error,
             "checked_at": "2026-01-01T00:00:00.000Z",
         }
 

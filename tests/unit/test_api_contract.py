@@ -6,6 +6,7 @@ start/stop answer with what the agent observed.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
@@ -462,7 +463,7 @@ def test_live_status_follows_upstream_health(api: Api) -> None:
     assert data["status_reason"] is None
 
 
-def test_one_probe_per_shared_upstream(api: Api) -> None:
+def test_one_probe_per_shared_upstream(api: Api, caplog: pytest.LogCaptureFixture) -> None:
     """A probe round probes each distinct upstream once, and updates every container of it."""
     h = api.h(api.alice)
     other = {**GOOD, "proxy": GOOD["proxy"].replace(":1080", ":1081")}
@@ -479,6 +480,23 @@ def test_one_probe_per_shared_upstream(api: Api) -> None:
     for cid in cids:
         data = api.client.get(f"/api/v1/containers/{cid}/network", headers=h).json()["data"]
         assert data["status"] == "error" and data["remote_status"]["upstream"]["reachable"] is False
+    # Each upstream's result goes to its own containers: one recovers, the other stays down.
+    api.relay.reachable, api.relay.down_ports = True, {1081}
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="egressd.agent.runner"):
+        api.agent.probe_all()
+    recovered = {r.getMessage() for r in caplog.records if "upstream recovered" in r.getMessage()}
+    assert recovered == {f"container {cid}: upstream recovered" for cid in cids[:3]}
+    seen = {
+        cid: api.client.get(f"/api/v1/containers/{cid}/network", headers=h).json()["data"]
+        for cid in cids
+    }
+    for cid in cids[:3]:
+        assert seen[cid]["status"] == "running" and seen[cid]["status_reason"] is None
+        assert seen[cid]["remote_status"]["upstream"]["reachable"] is True
+    assert seen[cids[3]]["status"] == "error"
+    assert "connection refused" in seen[cids[3]]["status_reason"]
+    assert seen[cids[3]]["remote_status"]["upstream"]["reachable"] is False
 
 
 def test_namespace_lost_is_an_error_and_recovers(api: Api) -> None:
