@@ -1,16 +1,19 @@
-"""The agent's SQL filters agree with its own rules; a probe round's writes."""
+"""The agent's SQL filters agree with its own rules; what its writes change."""
 
 from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
 
+import pytest
+
 from egressd.agent.runner import _pending
 from egressd.daemon import open_store
+from egressd.errors import NotFound
 from egressd.model import DesiredState, NetworkConfig, NetworkType, ProxySpec, Status
 from egressd.settings import Settings
 from egressd.store import NetworkView
-from egressd.store.repository import HealthUpdate, Observation
+from egressd.store.repository import HealthUpdate
 
 
 def test_only_pending_matches_the_agents_rule(tmp_path: Path) -> None:
@@ -46,29 +49,38 @@ def test_only_pending_matches_the_agents_rule(tmp_path: Path) -> None:
     store.engine.dispose()
 
 
-def test_observations_of_a_round_are_written_together(tmp_path: Path) -> None:
-    """New rows, updated rows and deleted containers, across more ids than one IN list holds."""
+def test_observed_record_is_written_then_updated_and_skipped_once_deleted(
+    tmp_path: Path,
+) -> None:
     store = open_store(Settings(data_dir=tmp_path))
-    ids = [store.create_container(container_id=None, name=None, owner=None, runtime="netns",
-                                  ref=f"n{i}").id for i in range(1203)]  # fmt: skip
+    kept, gone = [store.create_container(container_id=None, name=None, owner=None,
+                                         runtime="netns", ref=f"n{i}").id
+                  for i in range(2)]  # fmt: skip
     store.record_observed(
-        ids[0], status=Status.STOPPED, reason=None, is_running=False,
+        kept, status=Status.STOPPED, reason=None, is_running=False,
         observed_generation=1, applied={"type": "block"},
     )  # fmt: skip
-    store.delete_container(ids[1])
     upstream = {"reachable": False, "last_error": "refused"}
-    store.record_observations(
-        [
-            Observation(cid, status=Status.ERROR, reason="down", is_running=True,
-                        observed_generation=7, applied=None, upstream=upstream)
-            for cid in ids
-        ]
+    store.record_observed(
+        kept, status=Status.ERROR, reason="down", is_running=True,
+        observed_generation=7, applied=None, upstream=upstream,
     )  # fmt: skip
-    seen = {cid: store.get_network(cid).observed for cid in (ids[0], ids[2], ids[-1])}
-    for observed in seen.values():
-        assert observed is not None and observed.status is Status.ERROR
-        assert observed.observed_generation == 7 and observed.upstream == upstream
-    assert ids[1] not in {c.id for c in store.list_containers()}
+    observed = store.get_network(kept).observed
+    assert observed is not None and observed.last_check is not None
+    assert (observed.status, observed.reason, observed.is_running) == (Status.ERROR, "down", True)
+    assert (observed.observed_generation, observed.applied, observed.upstream) == (
+        7,
+        None,
+        upstream,
+    )
+    store.delete_container(gone)
+    store.record_observed(
+        gone, status=Status.RUNNING, reason=None, is_running=True,
+        observed_generation=1, applied=None,
+    )  # deleted meanwhile: nothing written, no error  # fmt: skip
+    assert [c.id for c in store.list_containers()] == [kept]
+    with pytest.raises(NotFound):
+        store.get_network(gone)
     store.engine.dispose()
 
 

@@ -201,27 +201,22 @@ class Agent:
             return await asyncio.gather(*(one(spec) for spec in specs))
 
         results = self._on_loop(probe_many(), timeout=self.settings.upstream_timeout * 4 + 30)
-        outcome: dict[ProxySpec, tuple[Status, str | None]] = {}
+        health: dict[ProxySpec, tuple[Status, str | None, dict[str, Any]]] = {}
         for spec, upstream in zip(specs, results, strict=True):
             if upstream.get("reachable") and not upstream.get("last_error"):
-                outcome[spec] = (Status.RUNNING, None)
+                health[spec] = (Status.RUNNING, None, dict(upstream))
             else:
-                outcome[spec] = (
-                    Status.ERROR,
-                    f"upstream proxy check failed: {upstream.get('last_error')}",
-                )
+                failed = f"upstream proxy check failed: {upstream.get('last_error')}"
+                health[spec] = (Status.ERROR, failed, dict(upstream))
         members: dict[ProxySpec, list[str]] = {spec: [] for spec in specs}
         for target in targets:
-            status, reason = outcome[target.proxy]
+            status, reason, _ = health[target.proxy]
             if status is Status.RUNNING and target.status is Status.ERROR:
                 log.info("container %s: upstream recovered", target.container_id)
             elif status is Status.ERROR and target.status is not Status.ERROR:
                 log.warning("container %s: %s", target.container_id, reason)
             members[target.proxy].append(target.container_id)
-        updates = [
-            HealthUpdate(members[spec], status=status, reason=reason, upstream=dict(upstream))
-            for (spec, (status, reason)), upstream in zip(outcome.items(), results, strict=True)
-        ]
+        updates = [HealthUpdate(members[spec], *health[spec]) for spec in specs]
         # One transaction for the round, one statement per upstream (see Store.record_health).
         self.store.record_health(updates)
         self.wakeups.notify_observed()

@@ -124,16 +124,6 @@ def networks_of_node(node: str, *, only_pending: bool) -> Select[Any]:
     return query
 
 
-PROBE_TARGET_COLUMNS = (
-    _containers.c.id,
-    _configs.c.type,
-    _configs.c.proxy_url,
-    _configs.c.proxy_username,
-    _configs.c.proxy_password,
-    _statuses.c.status,
-)
-
-
 def probe_targets_of_node(node: str) -> Select[Any]:
     """The probe round's list: the running proxy containers of ``node``, settled.
 
@@ -144,7 +134,14 @@ def probe_targets_of_node(node: str) -> Select[Any]:
     of Python a row, and a probe round lists every container.
     """
     return (
-        select(*PROBE_TARGET_COLUMNS)
+        select(
+            _containers.c.id,
+            _configs.c.type,
+            _configs.c.proxy_url,
+            _configs.c.proxy_username,
+            _configs.c.proxy_password,
+            _statuses.c.status,
+        )
         .select_from(_containers)
         .join(_configs, _configs.c.container_id == _containers.c.id)
         .join(_statuses, _statuses.c.container_id == _containers.c.id)

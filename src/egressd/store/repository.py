@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, Row, bindparam, delete, func, insert, select, update
+from sqlalchemy import Engine, Row, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -55,20 +55,7 @@ from egressd.store.views import (
 )
 
 # Ids per IN (...) list: well below SQLite's bound on parameters in one statement.
-_OBSERVATIONS_PER_QUERY = 500
-
-
-@dataclass(frozen=True)
-class Observation:
-    """What the agent saw of one container (see :meth:`Store.record_observations`)."""
-
-    container_id: str
-    status: Status
-    reason: str | None
-    is_running: bool
-    observed_generation: int
-    applied: dict[str, Any] | None
-    upstream: dict[str, Any] | None = None
+_IDS_PER_QUERY = 500
 
 
 @dataclass(frozen=True)
@@ -300,13 +287,11 @@ class Store:
         with self.engine.begin() as connection:
             for health in updates:
                 ids = list(health.container_ids)
-                for first in range(0, len(ids), _OBSERVATIONS_PER_QUERY):
+                for first in range(0, len(ids), _IDS_PER_QUERY):
                     connection.execute(
                         update(NetworkStatusRow)
                         .where(
-                            NetworkStatusRow.container_id.in_(
-                                ids[first : first + _OBSERVATIONS_PER_QUERY]
-                            )
+                            NetworkStatusRow.container_id.in_(ids[first : first + _IDS_PER_QUERY])
                         )
                         .values(
                             status=health.status.value,
@@ -433,73 +418,28 @@ class Store:
         applied: dict[str, Any] | None,
         upstream: dict[str, Any] | None = None,
     ) -> None:
-        self.record_observations(
-            [
-                Observation(
-                    container_id,
-                    status=status,
-                    reason=reason,
-                    is_running=is_running,
-                    observed_generation=observed_generation,
-                    applied=applied,
-                    upstream=upstream,
+        """Write the agent's observed record of one container; nothing if it was deleted."""
+        values = {
+            "status": status.value,
+            "reason": reason,
+            "is_running": is_running,
+            "observed_generation": observed_generation,
+            "last_check": utcnow(),
+            "applied": applied,
+            "upstream": upstream,
+        }
+        with self.engine.begin() as connection:
+            if connection.scalar(select(Container.id).where(Container.id == container_id)) is None:
+                return
+            changed = connection.execute(
+                update(NetworkStatusRow)
+                .where(NetworkStatusRow.container_id == container_id)
+                .values(values)
+            ).rowcount
+            if not changed:
+                connection.execute(
+                    insert(NetworkStatusRow).values(container_id=container_id, **values)
                 )
-            ]
-        )
-
-    def record_observations(self, observations: Sequence[Observation]) -> None:
-        """Write observed records in one transaction.
-
-        Many at once cost one commit (one fsync on SQLite), not one each.
-        Containers deleted meanwhile are skipped.
-        """
-        changes = update(NetworkStatusRow).where(
-            NetworkStatusRow.container_id == bindparam("target_id")
-        )
-        for first in range(0, len(observations), _OBSERVATIONS_PER_QUERY):
-            chunk = observations[first : first + _OBSERVATIONS_PER_QUERY]
-            ids = [o.container_id for o in chunk]
-            now = utcnow()
-            # Core, one executemany: ORM objects for a thousand rows cost the
-            # agent half a second of the GIL that the API's loop needs.
-            with self.engine.begin() as connection:
-                existing = set(
-                    connection.scalars(select(Container.id).where(Container.id.in_(ids)))
-                )
-                with_row = set(
-                    connection.scalars(
-                        select(NetworkStatusRow.container_id).where(
-                            NetworkStatusRow.container_id.in_(ids)
-                        )
-                    )
-                )
-                gil.breathe()
-                values = {
-                    o.container_id: {
-                        "status": o.status.value,
-                        "reason": o.reason,
-                        "is_running": o.is_running,
-                        "observed_generation": o.observed_generation,
-                        "last_check": now,
-                        "applied": o.applied,
-                        "upstream": o.upstream,
-                    }
-                    for o in chunk
-                    if o.container_id in existing
-                }
-                updates = [{"target_id": cid, **v} for cid, v in values.items() if cid in with_row]
-                inserts = [
-                    {"container_id": cid, **v} for cid, v in values.items() if cid not in with_row
-                ]
-                if updates:
-                    connection.execute(
-                        changes.values(
-                            {key: bindparam(key) for key in updates[0] if key != "target_id"}
-                        ),
-                        updates,
-                    )
-                if inserts:
-                    connection.execute(insert(NetworkStatusRow), inserts)
 
     def forget_network(self, container_id: str, *, generation: int) -> bool:
         """Drop config, allocation and status once the agent has undone everything.
